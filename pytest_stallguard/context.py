@@ -1,0 +1,133 @@
+"""Which request is running: the context the guard is armed by.
+
+The guard does not watch the clock of a whole test; it watches code that runs *for* a
+request, the lifespan, or a window the test opens. An ASGI call is wrapped by
+:func:`attributed`, which puts a :class:`RequestInfo` in a context variable. Tasks the
+request spawns inherit it; worker threads inherit it too (anyio copies the context), so
+every check also compares the thread with the loop thread the request started on.
+
+Real clocks are captured here at import so that a test patching ``time.monotonic`` or
+``time.perf_counter`` cannot stretch or freeze any wait the plugin makes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+# Real clocks, captured before any test can patch them.
+perf_counter = time.perf_counter
+monotonic = time.monotonic
+real_sleep = time.sleep
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass
+class RequestInfo:
+    """The request (or lifespan, or test window) that code is running for."""
+
+    label: str
+    thread: int
+    done: bool = False  # the final response body has been sent: what runs now is background
+
+    @property
+    def request(self) -> str:
+        return "background" if self.done else self.label
+
+
+_current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
+    "stallguard_request", default=None
+)
+# Set by ``stall_guard.paused()``: measurement off in this context.
+_paused: contextvars.ContextVar[bool] = contextvars.ContextVar("stallguard_paused", default=False)
+
+
+def current() -> RequestInfo | None:
+    """The request info of the running code, or None outside any request or window."""
+    return _current.get()
+
+
+def on_loop() -> RequestInfo | None:
+    """The request info if this code runs on the loop thread for a request, else None."""
+    info = _current.get()
+    if info is None or info.thread != threading.get_ident() or _paused.get():
+        return None
+    return info
+
+
+def info_of(ctx: contextvars.Context | None) -> RequestInfo | None:
+    """The request info stored in a ``contextvars.Context`` (an asyncio handle's)."""
+    if ctx is None or ctx.get(_paused, False):
+        return None
+    return ctx.get(_current)
+
+
+def enter(label: str) -> contextvars.Token[RequestInfo | None]:
+    return _current.set(RequestInfo(label, threading.get_ident()))
+
+
+def leave(token: contextvars.Token[RequestInfo | None]) -> None:
+    _current.reset(token)
+
+
+def pause() -> contextvars.Token[bool]:
+    return _paused.set(True)
+
+
+def unpause(token: contextvars.Token[bool]) -> None:
+    _paused.reset(token)
+
+
+def label_of(scope: Scope) -> str:
+    kind = scope.get("type")
+    if kind == "lifespan":
+        return "lifespan"
+    path = scope.get("path", "")
+    if kind == "websocket":
+        return f"WS {path}"
+    return f"{scope.get('method', 'GET')} {path}"
+
+
+_WRAPPED = "__stallguard_wrapped__"
+
+
+def attributed(app: ASGIApp) -> ASGIApp:
+    """Wrap an ASGI app so that code running for each call knows its request.
+
+    The wrapper changes nothing the app sees: same scope, receive and send messages.
+    Wrapping twice is a no-op.
+    """
+    if getattr(app, _WRAPPED, False):
+        return app
+
+    async def stallguard_attributed(scope: Scope, receive: Receive, send: Send) -> None:
+        info = RequestInfo(label_of(scope), threading.get_ident())
+        token = _current.set(info)
+        try:
+            if scope.get("type") != "http":
+                await app(scope, receive, send)
+                return
+
+            async def watched_send(message: Message) -> None:
+                await send(message)
+                if message.get("type") == "http.response.body" and not message.get(
+                    "more_body", False
+                ):
+                    info.done = True
+
+            await app(scope, receive, watched_send)
+        finally:
+            _current.reset(token)
+
+    setattr(stallguard_attributed, _WRAPPED, True)
+    stallguard_attributed.__wrapped__ = app  # type: ignore[attr-defined]
+    return stallguard_attributed

@@ -1,0 +1,272 @@
+"""Plain data: findings, burst and canary results, pool statistics.
+
+Everything here is a frozen dataclass (or, for the mutable burst sample lists, a plain
+dataclass filled once) with ``to_dict`` matching the JSON report schema
+``stallguard-report/1``. Nothing in this module imports pytest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = (
+    "blocking-call",
+    "loop-stall",
+    "threadpool-saturation",
+    "pool-exhaustion",
+    "connection-leak",
+    "task-leak",
+    "missing-timeout",
+    "client-per-request",
+    "canary-slowdown",
+)
+
+DOCS = "https://github.com/pytest-stallguard/pytest-stallguard#"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values``; 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the plugin caught, located in the user's code."""
+
+    kind: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+    function: str | None = None
+    request: str | None = None
+    duration_ms: float | None = None
+    call: str | None = None
+    count: int = 1
+    # Not in the JSON: findings with fails=False are reported but do not fail the test
+    # (blocking in the lifespan, by default).
+    fails: bool = True
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.kind, self.file, self.line, self.function, self.request, self.call)
+
+    def where(self) -> str:
+        if self.file is None:
+            return "<unknown location>"
+        place = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{place} ({self.function})" if self.function else place
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "message": self.message,
+            "file": self.file,
+            "line": self.line,
+            "function": self.function,
+            "request": self.request,
+            "duration_ms": None if self.duration_ms is None else round(self.duration_ms, 3),
+            "call": self.call,
+            "count": self.count,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        return cls(
+            kind=data["kind"],
+            message=data["message"],
+            file=data.get("file"),
+            line=data.get("line"),
+            function=data.get("function"),
+            request=data.get("request"),
+            duration_ms=data.get("duration_ms"),
+            call=data.get("call"),
+            count=data.get("count", 1),
+        )
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    """Latencies of a cheap endpoint probed on a fixed schedule.
+
+    Every latency is measured from the probe's *scheduled* time, so a blocked loop that
+    delays the probe shows up in the number instead of hiding from it.
+    """
+
+    path: str
+    every_ms: float
+    baseline_ms: tuple[float, ...]
+    latencies_ms: tuple[float, ...]
+    floor_ms: float
+
+    @property
+    def baseline_p95_ms(self) -> float:
+        return percentile(self.baseline_ms, 95)
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p95_ms(self) -> float:
+        return percentile(self.latencies_ms, 95)
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.latencies_ms, default=0.0)
+
+    @property
+    def probes(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def slowdown(self) -> float:
+        """p95 during the window over the quiet baseline p95 (floored, see README)."""
+        return self.p95_ms / max(self.baseline_p95_ms, self.floor_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "baseline_p95_ms": round(self.baseline_p95_ms, 3),
+            "p95_ms": round(self.p95_ms, 3),
+            "max_ms": round(self.max_ms, 3),
+            "slowdown": round(self.slowdown, 3),
+            "probes": self.probes,
+        }
+
+
+@dataclass(frozen=True)
+class RequestError:
+    """A burst request that got no response."""
+
+    index: int
+    method: str
+    path: str
+    exception: BaseException
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.path}: {type(self.exception).__name__}: {self.exception}"
+
+
+@dataclass(frozen=True)
+class BurstResult:
+    method: str
+    path: str
+    n: int
+    concurrency: int | None
+    latencies_ms: list[float]
+    ttfb_ms: list[float]
+    statuses: Counter[int]
+    errors: list[RequestError]
+    elapsed_s: float
+    canary: CanaryResult | None = None
+    specs: tuple[str, ...] = field(default=())
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p95_ms(self) -> float:
+        return percentile(self.latencies_ms, 95)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.latencies_ms, 99)
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.latencies_ms, default=0.0)
+
+    @property
+    def ok(self) -> int:
+        """Requests answered with a status below 500."""
+        return sum(c for s, c in self.statuses.items() if s < 500)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "n": self.n,
+            "concurrency": self.concurrency,
+            "p50_ms": round(self.p50_ms, 3),
+            "p95_ms": round(self.p95_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "max_ms": round(self.max_ms, 3),
+            "elapsed_s": round(self.elapsed_s, 4),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "errors": len(self.errors),
+            "canary": None if self.canary is None else self.canary.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """What one watched pool saw during a test."""
+
+    name: str
+    kind: str  # threadpool | sqlalchemy | httpx | asyncpg
+    size: int
+    max_in_use: int
+    waits_ms: tuple[float, ...] = ()
+    timeouts: int = 0
+
+    @property
+    def wait_p95_ms(self) -> float:
+        return percentile(self.waits_ms, 95)
+
+    @property
+    def wait_max_ms(self) -> float:
+        return max(self.waits_ms, default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "size": self.size,
+            "max_in_use": self.max_in_use,
+            "wait_p95_ms": round(self.wait_p95_ms, 3),
+            "wait_max_ms": round(self.wait_max_ms, 3),
+            "timeouts": self.timeouts,
+        }
+
+
+@dataclass
+class TestRecord:
+    """Everything the plugin measured for one test; the unit of every report."""
+
+    nodeid: str
+    outcome: str = "passed"
+    findings: list[Finding] = field(default_factory=list)
+    bursts: list[BurstResult] = field(default_factory=list)
+    pools: list[PoolStats] = field(default_factory=list)
+    # Serialised forms, used when a record arrives from an xdist worker.
+    raw_bursts: list[dict[str, Any]] = field(default_factory=list)
+    raw_pools: list[dict[str, Any]] = field(default_factory=list)
+
+    __test__ = False  # not a pytest test class
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodeid": self.nodeid,
+            "outcome": self.outcome,
+            "findings": [f.to_dict() for f in self.findings],
+            "bursts": [b.to_dict() for b in self.bursts] + self.raw_bursts,
+            "pools": [p.to_dict() for p in self.pools] + self.raw_pools,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TestRecord:
+        return cls(
+            nodeid=data["nodeid"],
+            outcome=data.get("outcome", "passed"),
+            findings=[Finding.from_dict(f) for f in data.get("findings", [])],
+            raw_bursts=list(data.get("bursts", [])),
+            raw_pools=list(data.get("pools", [])),
+        )

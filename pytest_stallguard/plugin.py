@@ -1,0 +1,1 @@
+"""pytest wiring (filled in by the walking skeleton)."""
