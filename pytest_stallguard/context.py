@@ -99,6 +99,10 @@ def label_of(scope: Scope) -> str:
 
 _WRAPPED = "__stallguard_wrapped__"
 
+# Called (without arguments) on the loop thread as each ASGI call starts; the loop watch
+# uses it to hook loops that need per-loop instrumentation (uvloop, trio). Keep it cheap.
+on_enter: list[Callable[[], None]] = []
+
 
 def attributed(app: ASGIApp) -> ASGIApp:
     """Wrap an ASGI app so that code running for each call knows its request.
@@ -112,6 +116,8 @@ def attributed(app: ASGIApp) -> ASGIApp:
     async def stallguard_attributed(scope: Scope, receive: Receive, send: Send) -> None:
         info = RequestInfo(label_of(scope), threading.get_ident())
         token = _current.set(info)
+        for hook in on_enter:
+            hook()
         try:
             if scope.get("type") != "http":
                 await app(scope, receive, send)

@@ -46,6 +46,8 @@ class Guard:
         self._lock = threading.Lock()
         self._findings: dict[tuple[object, ...], Finding] = {}
         self.suppressed = 0  # findings dropped by the allowlist
+        # Off while fixtures are set up: only the lifespan is measured then.
+        self.recording = True
 
     # -- arming ------------------------------------------------------------------------
     def __enter__(self) -> Guard:
@@ -124,7 +126,13 @@ class Guard:
         call: str | None = None,
         count: int = 1,
     ) -> Finding | None:
-        """Record a finding; returns it (folded) or None when the allowlist dropped it."""
+        """Record a finding; returns it (folded) or None when it is not one.
+
+        Dropped: anything outside the test's run phase but the lifespan, and anything the
+        allowlist matches.
+        """
+        if not self.recording and request != "lifespan":
+            return None
         if frame is not None and self.allowed(frame):
             with self._lock:
                 self.suppressed += 1

@@ -203,6 +203,7 @@ class BurstResult:
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
             "errors": len(self.errors),
             "canary": None if self.canary is None else self.canary.to_dict(),
+            "latencies_ms": [round(v, 3) for v in self.latencies_ms],
         }
 
 

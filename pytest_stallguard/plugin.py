@@ -1,1 +1,379 @@
-"""pytest wiring (filled in by the walking skeleton)."""
+"""pytest wiring: options, ini keys, the marker, fixtures, reports. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import intercept, location
+from .app import AppLoadError, load_app
+from .client import StallClient, running
+from .config import LIFESPAN_MODES, MARKER_KEYS, TRAP_MODES, Settings, layer, marker_values
+from .errors import ConfigError, StallFindings
+from .guard import Guard
+from .model import TestRecord
+from .report import data as data_report
+from .report import text as text_report
+from .run import GuardRun, failure_message
+
+THRESHOLD_DESC = "Loop-stall threshold in milliseconds (default 20)."
+TRAPS_DESC = "What a trapped blocking call does: record (default, fail at teardown), raise, off."
+ALL_DESC = "Arm the guard in every test, also ones that use no stallguard fixture."
+REPORT_DESC = "Print the stallguard summary (bursts, canary, findings, pools) after the run."
+ALLOW_DESC = "Lines of 'module.function' or 'path/to/file.py:function' where blocking is allowed."
+APP_DESC = "The ASGI app under test: 'pkg.module:app' or 'pkg.module:create_app()'."
+LIFESPAN_DESC = "Blocking in the app's lifespan: report (default, does not fail) or fail."
+SLOWDOWN_DESC = "Canary p95 over quiet baseline p95 that fails a test (default 10)."
+STARTUP_DESC = "Seconds the app's lifespan startup may take (default 30)."
+SHUTDOWN_DESC = "Seconds the app's lifespan shutdown may take (default 30)."
+
+OUR_FIXTURES = frozenset({"stall_client", "stall_guard", "slow_upstream", "shrink_pools"})
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+ALL_KEY = pytest.StashKey[bool]()
+RUN_KEY = pytest.StashKey[GuardRun]()
+OUTCOME_KEY = pytest.StashKey[str]()
+
+
+# -- options -----------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("stallguard", "find what stalls async apps under load")
+    group.addoption("--stall-guard", action="store_true", default=None, help=ALL_DESC)
+    group.addoption("--stall-report", action="store_true", default=None, help=REPORT_DESC)
+    group.addoption(
+        "--stall-report-json", metavar="PATH", default=None,
+        help="Write the machine-readable report (schema stallguard-report/1) to PATH.",
+    )
+    group.addoption(
+        "--stall-report-html", metavar="PATH", default=None,
+        help="Write a self-contained HTML report to PATH.",
+    )
+    group.addoption("--stall-threshold-ms", metavar="N", default=None, help=THRESHOLD_DESC)
+    group.addoption(
+        "--stall-traps", metavar="MODE", default=None, help=TRAPS_DESC,
+    )
+    parser.addini("stallguard_app", APP_DESC, default="")
+    parser.addini("stallguard_all", ALL_DESC, type="bool", default=False)
+    parser.addini("stallguard_report", REPORT_DESC, type="bool", default=False)
+    parser.addini("stallguard_threshold_ms", THRESHOLD_DESC, default="")
+    parser.addini("stallguard_traps", TRAPS_DESC, default="")
+    parser.addini("stallguard_allow", ALLOW_DESC, type="linelist", default=[])
+    parser.addini("stallguard_lifespan", LIFESPAN_DESC, default="")
+    parser.addini("stallguard_max_canary_slowdown", SLOWDOWN_DESC, default="")
+    parser.addini("stallguard_startup_timeout", STARTUP_DESC, default="")
+    parser.addini("stallguard_shutdown_timeout", SHUTDOWN_DESC, default="")
+
+
+def _base_settings(config: pytest.Config) -> Settings:
+    """Built-in defaults < ini < command line."""
+    ini = {
+        "threshold_ms": config.getini("stallguard_threshold_ms") or None,
+        "traps": config.getini("stallguard_traps") or None,
+        "allow": config.getini("stallguard_allow") or None,
+        "lifespan": config.getini("stallguard_lifespan") or None,
+        "max_canary_slowdown": config.getini("stallguard_max_canary_slowdown") or None,
+        "startup_timeout": config.getini("stallguard_startup_timeout") or None,
+        "shutdown_timeout": config.getini("stallguard_shutdown_timeout") or None,
+    }
+    settings = layer(Settings(), ini, "ini file")
+    cli = {
+        "threshold_ms": config.getoption("--stall-threshold-ms"),
+        "traps": config.getoption("--stall-traps"),
+    }
+    return layer(settings, cli, "command line")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "concurrency(**options): a stallguard concurrency test; options: "
+        + ", ".join(sorted(MARKER_KEYS)),
+    )
+    try:
+        config.stash[SETTINGS_KEY] = _base_settings(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[ALL_KEY] = bool(
+        config.getoption("--stall-guard") or config.getini("stallguard_all")
+    )
+    if not hasattr(config, "workerinput"):  # xdist workers hand their records over
+        config.pluginmanager.register(_Reporter(config), "stallguard-reporter")
+    location.set_root(str(config.rootpath))
+    if config.stash[ALL_KEY]:
+        # Transports and lifespan managers built by module- or session-scoped fixtures
+        # must carry request labels too: wrap their constructors for the whole session.
+        intercept.install()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    intercept.uninstall()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    settings = config.stash[SETTINGS_KEY]
+    mode = " guard=all" if config.stash[ALL_KEY] else ""
+    return settings.header() + mode
+
+
+# -- collection: async tests of ours run on anyio unless pytest-asyncio has them ----------
+
+
+def _user_backend(collector: pytest.Collector) -> bool:
+    """Whether the user chose a backend: their own anyio_backend fixture is visible."""
+    manager = collector.session._fixturemanager
+    defs = manager.getfixturedefs("anyio_backend", collector) or ()
+    return bool(defs) and defs[-1].func.__module__ != "anyio.pytest_plugin"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
+    """Our async tests run on anyio with no marker of the user's, on asyncio by default.
+
+    anyio alone would run them on every installed backend (trio too); an ASGI app under
+    test usually runs on asyncio in production, so that is the default. A module or conftest
+    that defines its own ``anyio_backend`` fixture chooses for itself.
+    """
+    if not (isinstance(collector, (pytest.Module, pytest.Class)) and inspect.iscoroutinefunction(obj)):
+        return
+    if not collector.istestfunction(obj, name):
+        return
+    marks = [m.name for m in getattr(obj, "pytestmark", ())]
+    params = set(inspect.signature(obj).parameters)  # type: ignore[arg-type]
+    closest = collector.get_closest_marker
+    ours = "concurrency" in marks or closest("concurrency") is not None or OUR_FIXTURES & params
+    if not ours or "anyio" in marks or closest("anyio") is not None:
+        return
+    if "asyncio" in marks or closest("asyncio") is not None or _asyncio_auto(collector.config):
+        return
+    pytest.mark.anyio(obj)
+    if "anyio_backend" not in params and not _user_backend(collector):
+        pytest.mark.parametrize("anyio_backend", ["asyncio"])(obj)
+
+
+def _asyncio_auto(config: pytest.Config) -> bool:
+    if not config.pluginmanager.has_plugin("asyncio"):
+        return False
+    mode = config.getoption("asyncio_mode", None) or config.getini("asyncio_mode")
+    return str(mode) == "auto"
+
+
+def _is_ours(item: pytest.Item) -> bool:
+    names = getattr(item, "fixturenames", ())
+    return item.get_closest_marker("concurrency") is not None or bool(OUR_FIXTURES & set(names))
+
+
+# -- per-test lifecycle -------------------------------------------------------------------
+
+
+def _settings_for(item: pytest.Item) -> Settings:
+    settings = item.config.stash[SETTINGS_KEY]
+    for mark in reversed(list(item.iter_markers("concurrency"))):  # closest applied last
+        where = f"@pytest.mark.concurrency on {item.nodeid}"
+        settings = layer(settings, marker_values(mark.args, mark.kwargs, where), where)
+    return settings
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    if _is_ours(item) or item.config.stash[ALL_KEY]:
+        try:
+            settings = _settings_for(item)
+        except ConfigError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        run = GuardRun(settings)
+        item.stash[RUN_KEY] = run
+        run.start()
+        run.guard.recording = False  # fixture setup is not a finding (lifespan aside)
+    return (yield)
+
+
+def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
+    """The test function, followed by the after-test checks, failing on findings."""
+
+    def verdict() -> None:
+        __tracebackhide__ = True
+        failing = run.guard.failing()
+        if failing:
+            raise StallFindings(failure_message(failing), failing)
+
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def async_test(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            result = await fn(*args, **kwargs)
+            for check in run.after_test:
+                await check()
+            verdict()
+            return result
+
+        return async_test
+
+    @functools.wraps(fn)
+    def sync_test(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True
+        result = fn(*args, **kwargs)
+        verdict()
+        return result
+
+    return sync_test
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    run = item.stash.get(RUN_KEY, None)
+    if run is None or not isinstance(item, pytest.Function):
+        return (yield)
+    original = item.obj
+    item.obj = _checked(original, run)
+    run.guard.recording = True
+    try:
+        return (yield)
+    finally:
+        item.obj = original
+        run.guard.recording = False
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    try:
+        return (yield)
+    finally:
+        run = item.stash.get(RUN_KEY, None)
+        if run is not None:
+            run.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(StallFindings):
+        report.longrepr = str(call.excinfo.value)
+    run = item.stash.get(RUN_KEY, None)
+    if run is None:
+        return report
+    outcome = item.stash.get(OUTCOME_KEY, "passed")
+    if report.when == "call":
+        outcome = report.outcome
+    elif report.failed:
+        outcome = "failed" if outcome == "failed" else "error"
+    elif report.skipped and report.when == "setup":
+        outcome = "skipped"
+    item.stash[OUTCOME_KEY] = outcome
+    if report.when == "teardown":
+        record = TestRecord(
+            nodeid=item.nodeid,
+            outcome=outcome,
+            findings=run.guard.findings,
+            bursts=list(run.client.bursts) if run.client is not None else [],
+            pools=run.pool_stats(),
+        )
+        report.user_properties.append(("stallguard", record.to_dict()))
+    return report
+
+
+class _Reporter:
+    """Collects the records (also from xdist workers) and writes the reports at the end."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: dict[str, TestRecord] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "teardown":
+            return
+        for name, value in report.user_properties:
+            if name == "stallguard":
+                record = TestRecord.from_dict(value)
+                self.records[record.nodeid] = record
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        config = self.config
+        if not (config.getoption("--stall-report") or config.getini("stallguard_report")):
+            return
+        terminalreporter.section("stallguard report")
+        body = text_report.lines(self.records.values())
+        for line in body or ["no bursts, pools or findings recorded"]:
+            terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self) -> None:
+        config = self.config
+        report = data_report.build(self.records.values())
+        path = config.getoption("--stall-report-json")
+        if path:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(report, indent=2) + "\n")
+        html_path = config.getoption("--stall-report-html")
+        if html_path:
+            from .report import html as html_report
+
+            target = Path(html_path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(html_report.render(report))
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+def _run_of(request: pytest.FixtureRequest) -> GuardRun:
+    run = request.node.stash.get(RUN_KEY, None)
+    if run is None:  # used from a fixture of a broader scope: no test to arm
+        raise pytest.UsageError(
+            f"{request.fixturename} is function-scoped: request it from a test or a "
+            "function-scoped fixture"
+        )
+    return run
+
+
+@pytest.fixture
+def stall_app(request: pytest.FixtureRequest) -> Any:
+    """The ASGI app under test, from ini ``stallguard_app``. Override it to return yours."""
+    spec = request.config.getini("stallguard_app")
+    if not spec:
+        pytest.fail(
+            "stallguard has no app to test: set stallguard_app = \"pkg.module:app\" (or "
+            "\"pkg.module:create_app()\") in your pytest ini file, or define a fixture "
+            "named stall_app that returns your ASGI app.",
+            pytrace=False,
+        )
+    try:
+        return load_app(spec)
+    except AppLoadError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def stall_guard(request: pytest.FixtureRequest) -> Guard:
+    """The guard of this test: ``.findings``, ``.allow()``, ``.paused()``, ``.only()``."""
+    return _run_of(request).guard
+
+
+@pytest.fixture
+async def stall_client(stall_app: Any, request: pytest.FixtureRequest) -> AsyncIterator[StallClient]:
+    """The app started in-process with its lifespan; an httpx client with burst/canary."""
+    run = _run_of(request)
+    try:
+        async with running(stall_app, run.settings, run.guard) as client:
+            run.client = client
+            yield client
+    except TimeoutError as exc:
+        if run.client is None:
+            pytest.fail(
+                f"the app's lifespan startup did not finish within "
+                f"{run.settings.startup_timeout:g} s (stallguard startup_timeout). Raise it "
+                "with the stallguard_startup_timeout ini or the marker's startup_timeout=, "
+                f"or find what startup waits on. ({exc!r})",
+                pytrace=False,
+            )
+        raise

@@ -1,0 +1,121 @@
+"""Bursts: many concurrent requests through the lean driver, each timed from its issue."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from .context import ASGIApp, perf_counter
+from .driver import RequestSpec, build_spec, call
+from .errors import ConfigError
+from .model import BurstResult, RequestError
+
+SpecLike = Any  # ("GET", "/x") | ("POST", "/x", {"json": ...}) | {"method": ..., "path": ...}
+
+
+def parse_specs(specs: Sequence[SpecLike] | RequestSpec) -> list[RequestSpec]:
+    """Turn the user's request list into prepared specs, with errors that name the entry."""
+    if isinstance(specs, RequestSpec):
+        return [specs]
+    out = []
+    for i, item in enumerate(specs):
+        if isinstance(item, RequestSpec):
+            out.append(item)
+            continue
+        if isinstance(item, Mapping):
+            kwargs = dict(item)
+            method, path = kwargs.pop("method", None), kwargs.pop("path", None)
+        elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+            method, path = item[0], item[1]
+            kwargs = dict(item[2]) if len(item) == 3 else {}
+        else:
+            raise ConfigError(
+                f"burst(): request {i} is {item!r}; give (method, path), "
+                "(method, path, {request kwargs}) or {'method': ..., 'path': ..., ...}"
+            )
+        if not isinstance(method, str) or not isinstance(path, str):
+            raise ConfigError(
+                f"burst(): request {i} needs a method and a path as strings, got "
+                f"method={method!r}, path={path!r}"
+            )
+        out.append(build_spec(method, path, **kwargs))
+    if not out:
+        raise ConfigError("burst(): the request list is empty; give at least one request")
+    return out
+
+
+async def run(
+    app: ASGIApp,
+    specs: list[RequestSpec],
+    n: int,
+    concurrency: int | None = None,
+    timeout: float | None = None,
+) -> BurstResult:
+    """Fire ``n`` requests (cycling through ``specs``), all at once or ``concurrency`` wide.
+
+    A request's latency runs from the moment it is issued to its last body byte; its time
+    to first byte is kept too (streaming responses are not buffered first). A request that
+    is still running after ``timeout`` seconds is cancelled, as a client would give up, and
+    counted as an error.
+    """
+    latencies = [0.0] * n
+    ttfb = [0.0] * n
+    statuses: Counter[int] = Counter()
+    errors: list[RequestError] = []
+    k = len(specs)
+
+    async def one(i: int, issued: float) -> None:
+        spec = specs[i % k]
+        if timeout is None:
+            reply = await call(app, spec)
+        else:
+            with anyio.move_on_after(timeout) as scope:
+                reply = await call(app, spec)
+            if scope.cancelled_caught:
+                waited = perf_counter() - issued
+                latencies[i] = waited * 1000.0
+                exc = TimeoutError(f"no response within {timeout} s (client gave up)")
+                errors.append(RequestError(i, spec.method, spec.path, exc))
+                return
+        latencies[i] = (reply.finished - issued) * 1000.0
+        ttfb[i] = (reply.first_byte - issued) * 1000.0
+        if reply.exception is not None and reply.status and reply.status != 500:
+            # The app crashed after it had started answering: no complete response.
+            errors.append(RequestError(i, spec.method, spec.path, reply.exception))
+        statuses[reply.status] += 1
+
+    started = perf_counter()
+    async with anyio.create_task_group() as tg:
+        if concurrency is None or concurrency >= n:
+            # All issued at once: each latency runs from the burst's start, so requests that
+            # queued behind a blocked loop are charged for the wait.
+            for i in range(n):
+                tg.start_soon(one, i, started)
+        else:
+            cursor = iter(range(n))
+
+            async def worker() -> None:
+                for i in cursor:
+                    await one(i, perf_counter())
+
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+    elapsed = perf_counter() - started
+
+    labels = tuple(dict.fromkeys(s.label for s in specs))
+    mixed = len(labels) > 1
+    return BurstResult(
+        method="MIXED" if mixed else specs[0].method,
+        path=", ".join(labels) if mixed else specs[0].path,
+        n=n,
+        concurrency=concurrency,
+        latencies_ms=latencies,
+        ttfb_ms=ttfb,
+        statuses=statuses,
+        errors=errors,
+        elapsed_s=elapsed,
+        specs=labels,
+    )

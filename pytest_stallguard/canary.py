@@ -1,0 +1,114 @@
+"""The canary: a cheap endpoint probed on a fixed schedule while load runs.
+
+Each probe's latency is measured from the time it was *scheduled*, not from when the
+probing task got to run. On a blocked loop the prober itself wakes late, so measuring
+from its wake-up would hide exactly the stall we are looking for (FINDINGS A8: 2-3 ms
+reported while the loop had been blocked 913 ms). Probes a late prober missed are fired
+at once with their original schedule times, as wrk2 does against coordinated omission.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+
+from .context import ASGIApp, perf_counter
+from .driver import RequestSpec, call
+from .model import CanaryResult
+
+# A quiet in-process probe answers in a fraction of a millisecond, so a ratio against
+# the raw baseline would swing with scheduler noise. Below this many milliseconds the
+# baseline is taken as this value: see README "Canary".
+FLOOR_MS = 2.0
+BASELINE_PROBES = 15
+MAX_IN_FLIGHT = 256
+# After the body ends, probes still in flight get this long before they are cancelled.
+DRAIN_S = 5.0
+
+
+async def _probe(app: ASGIApp, spec: RequestSpec, scheduled: float, out: list[float]) -> None:
+    reply = await call(app, spec)
+    out.append((reply.finished - scheduled) * 1000.0)
+
+
+async def _schedule(
+    app: ASGIApp,
+    spec: RequestSpec,
+    every_s: float,
+    out: list[float],
+    stop: list[float] | None,
+    count: int | None,
+    start: float | None = None,
+) -> None:
+    """Probe every ``every_s`` from ``start`` until the stop time (or ``count`` probes).
+
+    ``stop`` is empty while the window is open and holds the time it closed after.
+    Probes scheduled before that time are fired even if the prober only wakes after it,
+    late, because the loop was blocked: each is charged from its schedule.
+    """
+    if start is None:
+        start = perf_counter()
+    issued = 0
+    in_flight = anyio.Semaphore(MAX_IN_FLIGHT)
+
+    async def probe(scheduled: float) -> None:
+        async with in_flight:
+            await _probe(app, spec, scheduled, out)
+
+    async with anyio.create_task_group() as tg:
+        while count is None or issued < count:
+            scheduled = start + issued * every_s
+            if stop and scheduled >= stop[0]:
+                break
+            delay = scheduled - perf_counter()
+            if delay > 0:
+                await anyio.sleep(delay)
+                if stop and scheduled >= stop[0]:
+                    break
+            tg.start_soon(probe, scheduled)
+            issued += 1
+            await anyio.lowlevel.checkpoint()
+
+
+async def warm_up(app: ASGIApp, spec: RequestSpec) -> None:
+    await call(app, spec)
+
+
+async def baseline(app: ASGIApp, spec: RequestSpec, every_ms: float) -> list[float]:
+    """Latencies of a few probes on the quiet app (after one warm-up probe)."""
+    await warm_up(app, spec)
+    out: list[float] = []
+    await _schedule(app, spec, every_ms / 1000.0, out, None, BASELINE_PROBES)
+    return out
+
+
+@asynccontextmanager
+async def probing(
+    app: ASGIApp, spec: RequestSpec, every_ms: float, quiet: list[float], result: list[CanaryResult]
+) -> AsyncIterator[None]:
+    """Probe while the body runs; appends the CanaryResult to ``result`` on exit.
+
+    The first probe is scheduled as the body starts, so even a body that blocks the loop
+    at once is seen.
+    """
+    out: list[float] = []
+    stop: list[float] = []
+    async with anyio.create_task_group() as tg:
+        start = perf_counter()
+        tg.start_soon(_schedule, app, spec, every_ms / 1000.0, out, stop, None, start)
+        try:
+            yield
+        finally:
+            stop.append(perf_counter())
+            tg.cancel_scope.deadline = anyio.current_time() + DRAIN_S
+    result.append(
+        CanaryResult(
+            path=spec.path,
+            every_ms=every_ms,
+            baseline_ms=tuple(quiet),
+            latencies_ms=tuple(out),
+            floor_ms=FLOOR_MS,
+        )
+    )

@@ -1,0 +1,1 @@
+"""Pure functions turning test records into the terminal, JSON and HTML reports."""
