@@ -154,6 +154,7 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
     if "asyncio" in marks or closest("asyncio") is not None or _asyncio_auto(collector.config):
         return
     pytest.mark.anyio(obj)
+    pytest.mark.usefixtures("anyio_backend")(obj)
     if "anyio_backend" not in params and not _user_backend(collector):
         pytest.mark.parametrize("anyio_backend", ["asyncio"])(obj)
 
@@ -181,7 +182,7 @@ def _settings_for(item: pytest.Item) -> Settings:
     return settings
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
+@pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     if _is_ours(item) or item.config.stash[ALL_KEY]:
         try:
