@@ -156,7 +156,7 @@ class StallClient(httpx.AsyncClient):
             self.settings,
             {
                 "n": n if n is not None else (None if isinstance(method, str) else default_n),
-                "concurrency": concurrency if concurrency is not None else self.settings.concurrency,
+                "concurrency": self.settings.concurrency if concurrency is None else concurrency,
                 "canary": canary if canary is not None else self.settings.canary,
                 "max_canary_slowdown": max_canary_slowdown,
                 "every_ms": every_ms,

@@ -64,7 +64,7 @@ def build_spec(
     content: bytes | str | None = None,
     data: Mapping[str, Any] | None = None,
     files: Any = None,
-    cookies: Mapping[str, str] | None = None,
+    cookies: dict[str, str] | None = None,
 ) -> RequestSpec:
     """Prepare a request with httpx's own encoding rules (json, data, files, params)."""
     request = httpx.Request(

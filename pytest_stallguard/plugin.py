@@ -5,17 +5,17 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from . import intercept, location
-from .app import AppLoadError, load_app
+from .app import load_app
 from .client import StallClient, running
-from .config import LIFESPAN_MODES, MARKER_KEYS, TRAP_MODES, Settings, layer, marker_values
-from .errors import ConfigError, StallFindings
+from .config import MARKER_KEYS, Settings, layer, marker_values
+from .errors import AppLoadError, ConfigError, StallFindings
 from .guard import Guard
 from .model import TestRecord
 from .report import data as data_report
@@ -141,12 +141,14 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
     test usually runs on asyncio in production, so that is the default. A module or conftest
     that defines its own ``anyio_backend`` fixture chooses for itself.
     """
-    if not (isinstance(collector, (pytest.Module, pytest.Class)) and inspect.iscoroutinefunction(obj)):
+    if not isinstance(collector, (pytest.Module, pytest.Class)):
+        return
+    if not inspect.iscoroutinefunction(obj):
         return
     if not collector.istestfunction(obj, name):
         return
     marks = [m.name for m in getattr(obj, "pytestmark", ())]
-    params = set(inspect.signature(obj).parameters)  # type: ignore[arg-type]
+    params = set(inspect.signature(obj).parameters)
     closest = collector.get_closest_marker
     ours = "concurrency" in marks or closest("concurrency") is not None or OUR_FIXTURES & params
     if not ours or "anyio" in marks or closest("anyio") is not None:
@@ -183,7 +185,7 @@ def _settings_for(item: pytest.Item) -> Settings:
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)
-def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     if _is_ours(item) or item.config.stash[ALL_KEY]:
         try:
             settings = _settings_for(item)
@@ -229,7 +231,7 @@ def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     run = item.stash.get(RUN_KEY, None)
     if run is None or not isinstance(item, pytest.Function):
         return (yield)
@@ -244,7 +246,7 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     try:
         return (yield)
     finally:
@@ -256,8 +258,8 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[pytest.TestReport]:
-    report: pytest.TestReport = yield
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
     if call.excinfo is not None and call.excinfo.errisinstance(StallFindings):
         report.longrepr = str(call.excinfo.value)
     run = item.stash.get(RUN_KEY, None)
@@ -294,7 +296,7 @@ class _Reporter:
         if report.when != "teardown":
             return
         for name, value in report.user_properties:
-            if name == "stallguard":
+            if name == "stallguard" and isinstance(value, dict):
                 record = TestRecord.from_dict(value)
                 self.records[record.nodeid] = record
 
@@ -328,7 +330,7 @@ class _Reporter:
 
 
 def _run_of(request: pytest.FixtureRequest) -> GuardRun:
-    run = request.node.stash.get(RUN_KEY, None)
+    run: GuardRun | None = request.node.stash.get(RUN_KEY, None)
     if run is None:  # used from a fixture of a broader scope: no test to arm
         raise pytest.UsageError(
             f"{request.fixturename} is function-scoped: request it from a test or a "
@@ -361,7 +363,9 @@ def stall_guard(request: pytest.FixtureRequest) -> Guard:
 
 
 @pytest.fixture
-async def stall_client(stall_app: Any, request: pytest.FixtureRequest) -> AsyncIterator[StallClient]:
+async def stall_client(
+    stall_app: Any, request: pytest.FixtureRequest
+) -> AsyncIterator[StallClient]:
     """The app started in-process with its lifespan; an httpx client with burst/canary."""
     run = _run_of(request)
     try:

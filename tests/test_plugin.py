@@ -334,3 +334,36 @@ def test_slowdown_message_names_what_matters() -> None:
     for part in ("GET /health", "50.0x", "p95 100.0 ms", "baseline p95 of 1.50 ms",
                  "floored to 2 ms", "limit is 10x", "POST /login"):
         assert part in text, part
+
+
+def test_html_report_is_one_offline_file(shop: pytest.Pytester) -> None:
+    shop.makepyfile(
+        """
+        async def test_burst(stall_client):
+            await stall_client.burst("GET", "/hold", n=5, canary="/health")
+        """
+    )
+    out = shop.path / "report.html"
+    shop.runpytest("-p", "no:asyncio", f"--stall-report-html={out}").assert_outcomes(failed=1)
+    html = out.read_text()
+    assert "test_burst[asyncio]" in html and "canary-slowdown" in html
+    assert "http://" not in html.replace("http://testserver", "") and "<script src" not in html
+
+
+def test_xdist_workers_merge_into_one_report(shop: pytest.Pytester) -> None:
+    shop.makepyfile(
+        **{
+            f"test_w{i}": f"""
+            async def test_burst_{i}(stall_client):
+                r = await stall_client.burst("GET", "/health", n={i + 2})
+                assert r.n == {i + 2}
+            """
+            for i in range(4)
+        }
+    )
+    out = shop.path / "merged.json"
+    result = shop.runpytest_subprocess("-p", "no:asyncio", "-n", "2", f"--stall-report-json={out}")
+    result.assert_outcomes(passed=4)
+    report = load_json(out)
+    assert sorted(t["bursts"][0]["n"] for t in report["tests"]) == [2, 3, 4, 5]
+    assert report["summary"]["tests"] == 4

@@ -1,0 +1,140 @@
+"""Unit tests of the burst and canary math, without the pytest plugin."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import anyio
+import pytest
+from fastapi import FastAPI
+
+from pytest_stallguard import burst, canary
+from pytest_stallguard.driver import build_spec, call
+from pytest_stallguard.errors import ConfigError
+from pytest_stallguard.model import BurstResult, CanaryResult, percentile
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/fast")
+    async def fast() -> dict[str, bool]:
+        return {"ok": True}
+
+
+    @app.get("/block")
+    async def block() -> dict[str, bool]:
+        time.sleep(0.02)
+        return {"ok": True}
+
+    @app.get("/stream")
+    async def stream():  # type: ignore[no-untyped-def]
+        from fastapi.responses import StreamingResponse
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            yield b"first"
+            await anyio.sleep(0.1)
+            yield b"last"
+
+        return StreamingResponse(chunks())
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([], 95, 0.0),
+        ([5.0], 50, 5.0),
+        ([1.0, 2.0, 3.0, 4.0], 50, 2.0),
+        (list(range(1, 101)), 95, 95),
+        (list(range(1, 101)), 99, 99),
+        ([3.0, 1.0, 2.0], 100, 3.0),
+    ],
+)
+def test_percentile_is_nearest_rank(values: list[float], q: float, expected: float) -> None:
+    assert percentile(values, q) == expected
+
+
+def test_burst_result_fields() -> None:
+    result = BurstResult("GET", "/x", 4, None, [1.0, 2.0, 3.0, 10.0], [0.5] * 4,
+                         Counter({200: 3, 503: 1}), [], 0.01)
+    assert (result.p50_ms, result.p95_ms, result.max_ms, result.ok) == (2.0, 10.0, 10.0, 3)
+    data = result.to_dict()
+    assert data["statuses"] == {"200": 3, "503": 1} and data["canary"] is None
+
+
+def test_slowdown_is_floored() -> None:
+    quiet = CanaryResult("/h", 10.0, (0.2, 0.3), (4.0,), floor_ms=2.0)
+    noisy = CanaryResult("/h", 10.0, (5.0,), (20.0,), floor_ms=2.0)
+    assert quiet.slowdown == 2.0  # 4 / max(0.3, 2)
+    assert noisy.slowdown == 4.0  # 20 / 5
+
+
+def test_latency_counts_from_issue_so_queueing_shows() -> None:
+    """Ten requests that each block the loop 20 ms: the last waited for all the others."""
+
+    async def main() -> BurstResult:
+        app = make_app()
+        spec = build_spec("GET", "/block")
+        await call(app, spec)
+        return await burst.run(app, [spec], 10)
+
+    result = anyio.run(main)
+    assert result.statuses[200] == 10
+    # measured from the burst's start, the slowest request waited for the nine before it
+    assert result.max_ms > 5 * min(result.latencies_ms)
+
+
+def test_streaming_body_is_timed_not_buffered() -> None:
+    async def main() -> BurstResult:
+        app = make_app()
+        return await burst.run(app, [build_spec("GET", "/stream")], 3)
+
+    result = anyio.run(main)
+    assert result.statuses[200] == 3
+    for first, last in zip(result.ttfb_ms, result.latencies_ms):
+        # the second chunk comes 100 ms after the first: first byte well before last
+        assert last - first > 5 * first
+
+
+def test_request_timeout_counts_as_error() -> None:
+    async def main() -> BurstResult:
+        return await burst.run(make_app(), [build_spec("GET", "/stream")], 4, timeout=0.02)
+
+    result = anyio.run(main)
+    assert len(result.errors) == 4 and not result.statuses
+    assert all(isinstance(e.exception, TimeoutError) for e in result.errors)
+
+
+def test_canary_counts_from_schedule_through_a_blocked_loop() -> None:
+    """A 200 ms block with probes every 5 ms: the canary must see it, not hide it."""
+
+    async def main() -> tuple[CanaryResult, float]:
+        app = make_app()
+        spec = build_spec("GET", "/fast")
+        quiet = await canary.baseline(app, spec, 5.0)
+        out: list[CanaryResult] = []
+        async with canary.probing(app, spec, 5.0, quiet, out):
+            await anyio.sleep(0.03)
+            started = time.perf_counter()
+            time.sleep(0.2)
+            blocked_ms = (time.perf_counter() - started) * 1000
+            await anyio.sleep(0.03)
+        return out[0], blocked_ms
+
+    result, blocked_ms = anyio.run(main)
+    assert result.max_ms >= 0.9 * blocked_ms
+    # the probes the prober missed while blocked were fired, each from its schedule
+    assert result.probes >= 0.8 * (blocked_ms / 5.0)
+    assert result.p95_ms > 10 * result.baseline_p95_ms
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], [("GET",)], [42], [("GET", 5)], [{"method": "GET"}]],
+)
+def test_bad_request_specs_are_named(bad: list[object]) -> None:
+    with pytest.raises(ConfigError, match="burst\\(\\)"):
+        burst.parse_specs(bad)
