@@ -101,14 +101,12 @@ EXEMPT_MODULES: tuple[str, ...] = (
 _THREAD_ADVICE = "run it in a worker thread: await anyio.to_thread.run_sync(...)"
 ADVICE: dict[str, str] = {
     "time.sleep": f"Await an async equivalent (anyio.sleep) or {_THREAD_ADVICE}",
-    "socket": "Use an async client (httpx.AsyncClient, an async DB driver) or "
-    + _THREAD_ADVICE,
+    "socket": "Use an async client (httpx.AsyncClient, an async DB driver) or " + _THREAD_ADVICE,
     "dns": "Resolve asynchronously (await anyio.getaddrinfo(...)) or " + _THREAD_ADVICE,
     "open": "Use anyio.Path / anyio.open_file, or " + _THREAD_ADVICE,
     "os.read": "Use anyio.open_file / anyio streams, or " + _THREAD_ADVICE,
     "os.write": "Use anyio.open_file / anyio streams, or " + _THREAD_ADVICE,
-    "sqlite3": "Use an async driver (aiosqlite, SQLAlchemy's async engine) or "
-    + _THREAD_ADVICE,
+    "sqlite3": "Use an async driver (aiosqlite, SQLAlchemy's async engine) or " + _THREAD_ADVICE,
     "subprocess": "Use await anyio.run_process(...) (or asyncio.create_subprocess_exec), or "
     + _THREAD_ADVICE,
     "os.system": "Use await anyio.run_process(...) (or asyncio.create_subprocess_shell), or "
@@ -201,10 +199,7 @@ def _message(
         what = f"{name}() was called on the event loop"
     else:  # audit: seen before the call, not timed
         what = f"{name}() ran on the event loop (seen by the audit hook, not timed)"
-    return (
-        f"{what} during {info.request} at {where}. {ADVICE[family]}. "
-        f"See {DOCS}blocking-call"
-    )
+    return f"{what} during {info.request} at {where}. {ADVICE[family]}. See {DOCS}blocking-call"
 
 
 def _report(
@@ -403,9 +398,7 @@ def _sqlite_connect_trap(func: Callable[..., Any]) -> Callable[..., Any]:
         armed = _should_trap()
         if armed is None:
             return func(*args, **kwargs)
-        return _trapped(
-            "sqlite3.connect", "sqlite3", func, args, kwargs, *armed, sys._getframe(1)
-        )
+        return _trapped("sqlite3.connect", "sqlite3", func, args, kwargs, *armed, sys._getframe(1))
 
     connect.__stallguard_original__ = func  # type: ignore[attr-defined]
     return connect
@@ -520,8 +513,11 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
     info, g = armed
     if event == "socket.connect" and args and _nonblocking_socket(args[0]):
         return
-    if event == "open" and len(args) > 2 and isinstance(args[2], int) and args[2] & getattr(
-        os, "O_NONBLOCK", 0
+    if (
+        event == "open"
+        and len(args) > 2
+        and isinstance(args[2], int)
+        and args[2] & getattr(os, "O_NONBLOCK", 0)
     ):
         return
     frame = sys._getframe(1)
