@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import uuid
+from pathlib import Path
 
 import anyio
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from .security import USERS, hash_password
@@ -17,6 +21,15 @@ class Login(BaseModel):
 
 
 def create_app() -> FastAPI:
+    storage = Path(tempfile.mkdtemp(prefix="shop-uploads-"))
+    # Jobs for the out-of-process worker (`python -m shop.worker DIR`), which makes the
+    # thumbnails. CPU work in a thread of the web process would still hold the GIL and
+    # starve the event loop; a separate process does not.
+    jobs: list[str] = []
+    # File writes go to worker threads, a few at a time: starting 40 threads at once in a
+    # burst costs the loop more than the writes themselves.
+    disk = anyio.CapacityLimiter(4)
+
     app = FastAPI(title="shop (fixed)")
     # CPU-bound work gets its own small pool: hashing in 40 threads at once would starve
     # the event loop of CPU just as surely as hashing on it. Leave a core for the loop.
@@ -33,5 +46,15 @@ def create_app() -> FastAPI:
         if USERS.get(body.user) != digest:
             raise HTTPException(status_code=401, detail="bad credentials")
         return {"token": f"token-{body.user}"}
+
+    @app.post("/upload", status_code=202)
+    async def upload(request: Request) -> JSONResponse:
+        data = await request.body()
+        name = uuid.uuid4().hex
+        path = storage / f"{name}.bin"
+        # FIX: store without blocking the loop, queue the thumbnail, answer 202 with a job id.
+        await anyio.to_thread.run_sync(path.write_bytes, data, limiter=disk)
+        jobs.append(name)
+        return JSONResponse({"job": name, "size": len(data)}, status_code=202)
 
     return app
