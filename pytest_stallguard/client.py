@@ -58,7 +58,7 @@ class CanaryWatch:
 
 def slowdown_message(result: CanaryResult, limit: float, during: str) -> str:
     base = result.baseline_p95_ms
-    floor = f" (floored to {result.floor_ms:g} ms)" if base < result.floor_ms else ""
+    floor = f" (floored to {result.floor_ms:.1f} ms)" if base < result.floor_ms else ""
     return (
         f"The canary GET {result.path} slowed down {result.slowdown:.1f}x during {during}: "
         f"p95 {result.p95_ms:.1f} ms (max {result.max_ms:.1f} ms, {result.probes} probes) "
@@ -81,7 +81,7 @@ class StallClient(httpx.AsyncClient):
         self.guard = guard
         self.bursts: list[BurstResult] = []
         self._warm: set[str] = set()
-        self._baselines: dict[str, list[float]] = {}
+        self._baselines: dict[str, tuple[list[float], float]] = {}
 
     async def _warm_up(self, specs: Sequence[Any]) -> None:
         """One request per safe route, unmeasured, to absorb one-time framework work."""
@@ -94,7 +94,7 @@ class StallClient(httpx.AsyncClient):
         finally:
             context.unpause(token)
 
-    async def _baseline(self, path: str, every_ms: float) -> list[float]:
+    async def _baseline(self, path: str, every_ms: float) -> tuple[list[float], float]:
         key = f"{path}@{every_ms:g}"
         if key not in self._baselines:
             spec = build_spec("GET", path)
@@ -169,9 +169,13 @@ class StallClient(httpx.AsyncClient):
         if settings.canary is None:
             result = await burst_mod.run(self.app, specs, settings.n, settings.concurrency, timeout)
         else:
-            quiet = await self._baseline(settings.canary, settings.every_ms)
+            quiet, service = await self._baseline(settings.canary, settings.every_ms)
             probe = build_spec("GET", settings.canary)
-            async with canary_mod.probing(self.app, probe, settings.every_ms, quiet, results):
+            in_flight = min(settings.n, settings.concurrency or settings.n)
+            floor = canary_mod.floor_for(in_flight, service)
+            async with canary_mod.probing(
+                self.app, probe, settings.every_ms, quiet, results, floor
+            ):
                 result = await burst_mod.run(
                     self.app, specs, settings.n, settings.concurrency, timeout
                 )
@@ -198,7 +202,7 @@ class StallClient(httpx.AsyncClient):
             "stall_client.canary() arguments",
         )
         assert settings.canary is not None
-        quiet = await self._baseline(settings.canary, settings.every_ms)
+        quiet, _ = await self._baseline(settings.canary, settings.every_ms)
         quiet_gc()
         watch = CanaryWatch()
         probe = build_spec("GET", settings.canary)

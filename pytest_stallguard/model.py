@@ -138,6 +138,7 @@ class CanaryResult:
             "max_ms": round(self.max_ms, 3),
             "slowdown": round(self.slowdown, 3),
             "probes": self.probes,
+            "floor_ms": round(self.floor_ms, 3),
         }
 
 

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from . import traps
 from .config import Settings
 from .guard import Guard
 from .model import DOCS, Finding
@@ -71,8 +72,25 @@ class GuardRun:
         self.stop()
 
 
-# Factories (run -> detector or None), registered by the detector modules' adapters below.
-_DETECTORS: list[Callable[[GuardRun], Any]] = []
+class _Traps:
+    """Blocking-call traps, process-wide while a test runs (they check the guard's mode)."""
+
+    def __init__(self, run: GuardRun) -> None:
+        self.run = run
+
+    def start(self) -> None:
+        traps.install()
+
+    def stop(self) -> None:
+        traps.uninstall()
+
+
+def _traps(run: GuardRun) -> _Traps | None:
+    return None if run.settings.traps == "off" else _Traps(run)
+
+
+# Factories (run -> detector or None), started in this order and stopped in reverse.
+_DETECTORS: list[Callable[[GuardRun], Any]] = [_traps]
 
 
 def failure_message(findings: list[Finding]) -> str:

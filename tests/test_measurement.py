@@ -72,6 +72,11 @@ def test_slowdown_is_floored() -> None:
     assert noisy.slowdown == 4.0  # 20 / 5
 
 
+def test_floor_allows_for_queueing_behind_simultaneous_requests() -> None:
+    assert canary.floor_for(1, 0.3) == canary.FLOOR_MS
+    assert canary.floor_for(200, 0.3) == pytest.approx(60.0)
+
+
 def test_latency_counts_from_issue_so_queueing_shows() -> None:
     """Ten requests that each block the loop 20 ms: the last waited for all the others."""
 
@@ -114,7 +119,8 @@ def test_canary_counts_from_schedule_through_a_blocked_loop() -> None:
     async def main() -> tuple[CanaryResult, float]:
         app = make_app()
         spec = build_spec("GET", "/fast")
-        quiet = await canary.baseline(app, spec, 5.0)
+        quiet, service = await canary.baseline(app, spec, 5.0)
+        assert 0 < service < max(quiet)
         out: list[CanaryResult] = []
         async with canary.probing(app, spec, 5.0, quiet, out):
             await anyio.sleep(0.03)

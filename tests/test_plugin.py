@@ -332,7 +332,7 @@ def test_slowdown_message_names_what_matters() -> None:
     result = CanaryResult("/health", 10.0, (1.0, 1.5), (80.0, 90.0, 100.0), 2.0)
     text = slowdown_message(result, 10.0, "a burst of 50 x POST /login")
     for part in ("GET /health", "50.0x", "p95 100.0 ms", "baseline p95 of 1.50 ms",
-                 "floored to 2 ms", "limit is 10x", "POST /login"):
+                 "floored to 2.0 ms", "limit is 10x", "POST /login"):
         assert part in text, part
 
 
