@@ -724,9 +724,11 @@ class Server:
                              f"content-length: {len(body)}",
                              "connection: close" if close else "connection: keep-alive"]
                     lines += [f"{k.decode()}: {v.decode()}" for k, v in extra]
+                    # Recorded before the write: the client may read the response (and the
+                    # test look at .calls) before drain() returns here.
+                    self._counters.end(call, "failed" if failed else "ok", status)
                     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
                     await writer.drain()
-                    self._counters.end(call, "failed" if failed else "ok", status)
                 finally:
                     self._counters.leave()
                 if close:

@@ -232,12 +232,13 @@ async def test_fixed_dashboard_is_clean(
     engine: AsyncEngine, shrink: ShrinkPools, upstreams: SlowUpstreams
 ) -> None:
     upstreams("https://stats.example", delay=0.3)
-    async with httpx.AsyncClient(timeout=5.0) as upstream_client:
-        async with asgi_client(dashboard_app(engine, upstream_client)) as client:
-            await client.get("/dashboard-fixed")
-            shrink.sqlalchemy(engine, size=2, overflow=0, timeout=0.5)
-            with Guard(threshold_ms=50) as g, PoolWatch() as watch:
-                statuses = await fire(client, "/dashboard-fixed", 6)
+    async with httpx.AsyncClient(timeout=5.0) as upstream_client, asgi_client(
+        dashboard_app(engine, upstream_client)
+    ) as client:
+        await client.get("/dashboard-fixed")
+        shrink.sqlalchemy(engine, size=2, overflow=0, timeout=0.5)
+        with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+            statuses = await fire(client, "/dashboard-fixed", 6)
     assert statuses == [200] * 6
     assert g.findings == []
     [stats] = [s for s in watch.stats() if s.kind == "sqlalchemy"]

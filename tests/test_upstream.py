@@ -158,10 +158,13 @@ async def test_pool_timeout_bounds_time_without_progress(upstreams: SlowUpstream
 async def test_each_pool_has_its_own_slots(upstreams: SlowUpstreams) -> None:
     up = upstreams("https://payments.example", delay=0.2)
     limits = httpx.Limits(max_connections=1)
-    async with httpx.AsyncClient(limits=limits) as a, httpx.AsyncClient(limits=limits) as b:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(a.get, "https://payments.example/")
-            tg.start_soon(b.get, "https://payments.example/")
+    async with (
+        httpx.AsyncClient(limits=limits) as a,
+        httpx.AsyncClient(limits=limits) as b,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(a.get, "https://payments.example/")
+        tg.start_soon(b.get, "https://payments.example/")
     assert up.max_in_flight == 2
 
 
@@ -246,10 +249,11 @@ async def test_untimed_call_is_a_missing_timeout_finding(upstreams: SlowUpstream
 
 async def test_timed_twin_has_no_finding(upstreams: SlowUpstreams) -> None:
     up = upstreams("https://payments.example", delay=0.01)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0)) as timed:
-        async with asgi_client(checkout_app(timed)) as test_client:
-            with Guard(threshold_ms=50) as g:
-                assert (await test_client.post("/checkout")).status_code == 200
+    async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0)) as timed, asgi_client(
+        checkout_app(timed)
+    ) as test_client:
+        with Guard(threshold_ms=50) as g:
+            assert (await test_client.post("/checkout")).status_code == 200
     assert up.untimed == 0
     assert g.findings == []
 

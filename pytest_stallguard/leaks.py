@@ -1,0 +1,414 @@
+"""Teardown checks: what a test left running or checked out.
+
+A request that timed out is not the same moment as the resources it used being released:
+a cancelled ``to_thread`` call returns at once while its worker thread runs on; a
+fire-and-forget task keeps calling a slow upstream after the response; an httpcore pool
+can keep a connection stuck ``CONNECTING`` after mixed timeouts, and every later request
+then gets ``PoolTimeout``. :class:`LeakCheck` snapshots what exists when the test starts and,
+at teardown, gives everything a short grace period (bounded by the real clock), then
+records what is still there:
+
+- ``task-leak``: asyncio tasks created during the test and still pending. They are then
+  cancelled (bounded wait) so the suite goes on. On trio, tasks cannot outlive the nursery
+  that started them (structured concurrency), so there is nothing to check;
+- ``connection-leak``: worker threads still busy with a request's work, threads started
+  during the test still running user code, SQLAlchemy / asyncpg connections still checked
+  out (located at the line that checked them out, via :class:`~.pools.PoolWatch`), and httpx
+  pools holding connections stuck connecting or busy with no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import CoroutineType, FrameType, GeneratorType
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from . import context, guard
+from .location import _PLUGIN_DIR, Location, is_user_file, relative, user_location
+from .model import DOCS, Finding
+from .pools import PoolWatch
+
+__all__ = ["LeakCheck", "stuck_connections"]
+
+TASK_HELP = (
+    "A task nobody awaits outlives its request: it keeps connections and memory, its "
+    "errors are lost, and under load they pile up. Run it in a TaskGroup the request (or "
+    "the lifespan) owns, or use a queue and a worker started in the lifespan; if it calls "
+    "out, give it a timeout."
+)
+THREAD_HELP = (
+    "Cancelling a request does not stop the worker thread running its sync code: the "
+    "thread (and its token, connection, memory) stays busy until the call returns. Give "
+    "the blocking call its own timeout, or make it async."
+)
+CONNECTION_HELP = (
+    "A connection that is never returned shrinks the pool for every later request until "
+    "it is exhausted. Use `async with engine.connect()` / `async with pool.acquire()` so "
+    "the connection goes back on errors and cancellation too."
+)
+HTTPX_HELP = (
+    "httpcore's pool kept connections that no request owns (timeouts or cancellation "
+    "while connecting/reading); they count against max_connections for good, so later "
+    "requests get PoolTimeout. Close and recreate the client when this happens, keep "
+    "pool timeouts shorter than read timeouts, and avoid cancelling requests mid-connect."
+)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    kind: str
+    message: str
+    location: Location
+    request: str | None
+    duration_ms: float | None
+    call: str | None
+
+
+def stuck_connections(pool: Any) -> list[Any]:
+    """Connections of an httpcore pool stuck CONNECTING or busy with no request on them.
+
+    Reads httpcore 1.0 private state (``_requests``, the connections' ``info()``); call it
+    when no request is in flight on the pool.
+    """
+    connections = list(getattr(pool, "connections", None) or [])
+    if not connections:
+        return []
+    owned = {id(r.connection) for r in getattr(pool, "_requests", []) if r.connection}
+    stuck = []
+    for conn in connections:
+        if id(conn) in owned:
+            continue
+        info = conn.info() if hasattr(conn, "info") else ""
+        if info == "CONNECTING" or not (conn.is_idle() or conn.is_closed()):
+            stuck.append(conn)
+    return stuck
+
+
+def _coro_location(coro: Any) -> Location | None:
+    """The innermost user frame in a suspended coroutine's await chain."""
+    found: Location | None = None
+    depth = 0
+    while coro is not None and depth < 50:
+        frame: FrameType | None = getattr(coro, "cr_frame", None) or getattr(
+            coro, "gi_frame", None
+        ) or getattr(coro, "ag_frame", None)
+        if frame is not None and is_user_file(frame.f_code.co_filename):
+            found = relative(frame.f_code.co_filename), frame.f_lineno, frame.f_code.co_name
+        nxt = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        if nxt is None or not isinstance(nxt, (CoroutineType, GeneratorType)):
+            break
+        coro = nxt
+        depth += 1
+    return found
+
+
+def _innermost_user(frame: FrameType | None) -> Location | None:
+    while frame is not None:
+        if is_user_file(frame.f_code.co_filename):
+            code = frame.f_code
+            return relative(code.co_filename), frame.f_lineno, code.co_name
+        frame = frame.f_back
+    return None
+
+
+def _where(location: Location | None) -> str:
+    if location is None or location[0] is None:
+        return "<unknown>"
+    return f"{location[0]}:{location[1]} ({location[2]})"
+
+
+class LeakCheck:
+    """Snapshot at test start, check at teardown.
+
+    ``start()`` is sync; call it inside the running loop (an async fixture) so the tasks
+    that already exist are known; called outside a loop, tasks are not checked. ``check``
+    is async, runs in the same loop, and never waits longer than about
+    ``grace_s + cancel_timeout_s`` of real time.
+    """
+
+    def __init__(
+        self,
+        watch: PoolWatch | None = None,
+        guard_: guard.Guard | None = None,
+        *,
+        record_creation: bool = True,
+    ) -> None:
+        self.watch = watch
+        self._guard = guard_
+        self._record_creation = record_creation
+        self._tasks_before: weakref.WeakSet[asyncio.Task[Any]] | None = None
+        self._threads_before: set[int] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._factory_installed = False
+        self._previous_factory: Any = None
+        self._created_at: weakref.WeakKeyDictionary[asyncio.Task[Any], tuple[Location, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._httpx: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._started = context.perf_counter()
+        self.cancelled_tasks = 0
+        self.findings: list[Finding] = []
+
+    # -- start -------------------------------------------------------------------------
+    def start(self) -> LeakCheck:
+        self._started = context.perf_counter()
+        self._threads_before = {t.ident for t in threading.enumerate() if t.ident}
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self._loop = loop
+            self._tasks_before = weakref.WeakSet(asyncio.all_tasks(loop))
+            if self._record_creation:
+                self._install_factory(loop)
+        return self
+
+    def track(self, client: Any) -> None:
+        """Also check this httpx client's pools at teardown (used or not)."""
+        self._httpx.add(client)
+
+    def _install_factory(self, loop: asyncio.AbstractEventLoop) -> None:
+        previous = loop.get_task_factory()
+        created = self._created_at
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+            if previous is not None:
+                task = previous(loop, coro, **kwargs)
+            else:
+                task = asyncio.Task(coro, loop=loop, **kwargs)
+            info = context.current()
+            if info is not None and info.label != "lifespan":
+                with contextlib.suppress(TypeError):
+                    where = user_location(sys._getframe(1))
+                    created[task] = (where, info.request)  # type: ignore[index]
+            return task
+
+        loop.set_task_factory(factory)
+        self._factory = factory
+        self._previous_factory = previous
+        self._factory_installed = True
+
+    def _remove_factory(self) -> None:
+        if self._factory_installed and self._loop is not None:
+            self._factory_installed = False
+            if self._loop.get_task_factory() is self._factory:
+                self._loop.set_task_factory(self._previous_factory)
+
+    # -- check -------------------------------------------------------------------------
+    async def check(self, grace_s: float = 0.5, cancel_timeout_s: float = 2.0) -> list[Finding]:
+        """Wait up to ``grace_s`` for leftovers to finish, record what is left, cancel
+        leaked tasks (waiting up to ``cancel_timeout_s``); returns the findings."""
+        try:
+            seen: list[_Seen] = []
+            await self._until(lambda: not self._pending_anything(), grace_s)
+            tasks = self._pending_tasks()
+            for task in tasks:
+                seen.append(self._task_finding(task))
+            if tasks:
+                for task in tasks:
+                    task.cancel()
+                self.cancelled_tasks += len(tasks)
+                await self._until(lambda: all(t.done() for t in tasks), cancel_timeout_s)
+                # Let resources freed by the cancellation go back (bounded).
+                await self._until(lambda: not self._pending_resources(), grace_s)
+            seen.extend(self._thread_findings())
+            seen.extend(self._connection_findings())
+            seen.extend(self._httpx_findings())
+            return self._report(seen)
+        finally:
+            self._remove_factory()
+
+    def close(self) -> None:
+        """Undo what ``start`` installed (the task factory); check() does it too."""
+        self._remove_factory()
+
+    async def _until(self, done: Callable[[], bool], timeout_s: float) -> None:
+        """Poll ``done`` until true or ``timeout_s`` of real time passed. Sleeps in a
+        thread of our own limiter, so neither a patched loop clock nor a saturated
+        default limiter can stretch it."""
+        deadline = context.perf_counter() + timeout_s
+        limiter = anyio.CapacityLimiter(1)
+        while not done():
+            left = deadline - context.perf_counter()
+            if left <= 0:
+                return
+            await anyio.to_thread.run_sync(
+                context.real_sleep, min(0.02, left), limiter=limiter, abandon_on_cancel=True
+            )
+
+    def _pending_anything(self) -> bool:
+        return bool(self._pending_tasks()) or self._pending_resources()
+
+    def _pending_resources(self) -> bool:
+        if self.watch is not None and (self.watch.busy_threads() or self.watch.checked_out()):
+            return True
+        if self._busy_new_threads():
+            return True
+        return any(stuck_connections(p) for p in self._httpx_pools())
+
+    # -- tasks -------------------------------------------------------------------------
+    def _pending_tasks(self) -> list[asyncio.Task[Any]]:
+        if self._loop is None or self._tasks_before is None:
+            return []
+        try:
+            current = asyncio.current_task()
+        except RuntimeError:
+            return []
+        pending = []
+        for task in asyncio.all_tasks(self._loop):
+            if task is current or task.done() or task in self._tasks_before:
+                continue
+            coro = task.get_coro()
+            code = getattr(coro, "cr_code", None)
+            if code is not None and code.co_filename.startswith(_PLUGIN_DIR):
+                continue  # our own machinery (canary, burst driver)
+            pending.append(task)
+        return pending
+
+    def _task_finding(self, task: asyncio.Task[Any]) -> _Seen:
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", None) or task.get_name()
+        now_at = _coro_location(coro)
+        created = self._created_at.get(task)
+        ctx = getattr(task, "get_context", None)
+        task_ctx = ctx() if callable(ctx) else getattr(task, "_context", None)
+        info = context.info_of(task_ctx)
+        request = created[1] if created is not None else (None if info is None else info.label)
+        location = created[0] if created is not None else now_at
+        if location is None:
+            code = getattr(coro, "cr_code", None)
+            location = (relative(code.co_filename), code.co_firstlineno, code.co_name) if code \
+                else (None, None, None)
+        age_ms = (context.perf_counter() - self._started) * 1000.0
+        origin = f" created at {_where(created[0])}" if created is not None else ""
+        during = f" during {request}" if request else ""
+        message = (
+            f"Task {name}(){origin}{during} was still running at teardown "
+            f"(now at {_where(now_at)}), {age_ms:.0f} ms after the test started; stallguard "
+            f"cancelled it. {TASK_HELP} See {DOCS}task-leak"
+        )
+        return _Seen("task-leak", message, location, request, age_ms, name)
+
+    # -- threads -----------------------------------------------------------------------
+    def _busy_new_threads(self) -> list[tuple[threading.Thread, Location]]:
+        frames = sys._current_frames()
+        tracked = set()
+        if self.watch is not None:
+            tracked = {c.thread for c in self.watch.busy_threads()}
+        busy = []
+        for thread in threading.enumerate():
+            ident = thread.ident
+            if (ident is None or ident in self._threads_before or ident in tracked
+                    or not thread.is_alive() or thread.name.startswith("stallguard-")):
+                continue
+            location = _innermost_user(frames.get(ident))
+            if location is not None:
+                busy.append((thread, location))
+        return busy
+
+    def _thread_findings(self) -> Iterable[_Seen]:
+        now = context.perf_counter()
+        if self.watch is not None:
+            for call in self.watch.busy_threads():
+                started = call.started if call.started is not None else call.called
+                busy_ms = (now - started) * 1000.0
+                if call.cancelled is not None:
+                    when = (f"the request stopped waiting (cancelled) "
+                            f"{(call.cancelled - call.called) * 1000:.0f} ms after the call, "
+                            f"but the thread was still busy {busy_ms:.0f} ms after it started")
+                else:
+                    when = f"the thread was still busy {busy_ms:.0f} ms after it started"
+                yield _Seen(
+                    "connection-leak",
+                    f"A worker thread running {call.function} for {call.request} had not "
+                    f"finished at teardown: {when}. {THREAD_HELP} See {DOCS}connection-leak",
+                    call.location, call.request, busy_ms, f"thread {call.function}",
+                )
+        for thread, location in self._busy_new_threads():
+            yield _Seen(
+                "connection-leak",
+                f"Thread {thread.name!r}, started during the test, was still running "
+                f"{_where(location)} at teardown. {THREAD_HELP} See {DOCS}connection-leak",
+                location, None, None, f"thread {thread.name}",
+            )
+
+    # -- connections -------------------------------------------------------------------
+    def _connection_findings(self) -> Iterable[_Seen]:
+        if self.watch is None:
+            return
+        now = context.perf_counter()
+        for out in self.watch.checked_out():
+            held_ms = (now - out.since) * 1000.0
+            during = f" during {out.request}" if out.request else ""
+            yield _Seen(
+                "connection-leak",
+                f"A connection of {out.pool} checked out at {_where(out.location)}{during} "
+                f"was still checked out at teardown, {held_ms:.0f} ms later. "
+                f"{CONNECTION_HELP} See {DOCS}connection-leak",
+                out.location, out.request, held_ms, out.pool,
+            )
+
+    def _httpx_pools(self) -> list[tuple[Any, Any]]:
+        transports: list[Any] = []
+        if self.watch is not None:
+            transports.extend(self.watch.transports)
+        for client in self._httpx:
+            transports.append(getattr(client, "_transport", None))
+            transports.extend(getattr(client, "_mounts", {}).values())
+        seen: set[int] = set()
+        pools = []
+        for transport in transports:
+            pool = getattr(transport, "_pool", None)
+            if pool is None or id(pool) in seen or not hasattr(pool, "_requests"):
+                continue
+            seen.add(id(pool))
+            pools.append((transport, pool))
+        return pools
+
+    def _httpx_findings(self) -> Iterable[_Seen]:
+        for transport, pool in self._httpx_pools():
+            stuck = stuck_connections(pool)
+            if not stuck:
+                continue
+            location = (self.watch.transport_user(transport) if self.watch is not None
+                        else None) or (None, None, None)
+            states = ", ".join(repr(c) for c in stuck)
+            yield _Seen(
+                "connection-leak",
+                f"An httpx connection pool (max_connections={pool._max_connections}) still "
+                f"held {len(stuck)} connection(s) no request owns at teardown: {states}. "
+                f"{HTTPX_HELP} See {DOCS}connection-leak",
+                location, None, None, "httpx pool",
+            )
+
+    # -- reporting ---------------------------------------------------------------------
+    def _report(self, seen: list[_Seen]) -> list[Finding]:
+        active = self._guard if self._guard is not None else guard.active()
+        out = []
+        for item in seen:
+            finding: Finding | None
+            if active is not None:
+                finding = active.record(
+                    item.kind, item.message, location=item.location, request=item.request,
+                    duration_ms=item.duration_ms, call=item.call,
+                )
+            else:
+                finding = Finding(
+                    kind=item.kind, message=item.message, file=item.location[0],
+                    line=item.location[1], function=item.location[2], request=item.request,
+                    duration_ms=item.duration_ms, call=item.call,
+                )
+            if finding is not None:
+                out.append(finding)
+        self.findings.extend(out)
+        return out

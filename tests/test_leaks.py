@@ -1,0 +1,393 @@
+"""Teardown leak checks: tasks, worker threads, DB connections, wedged httpx pools."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from pytest_stallguard import context
+from pytest_stallguard.guard import Guard
+from pytest_stallguard.leaks import LeakCheck
+from pytest_stallguard.pools import PoolWatch
+from pytest_stallguard.upstream import SlowUpstreams, serve
+
+pytestmark = pytest.mark.anyio
+
+BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
+# Task leaks are an asyncio matter: on trio a task cannot outlive its nursery. SQLAlchemy's
+# async engines run on asyncio only.
+ASYNCIO = pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+
+
+@pytest.fixture
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "asyncio"))
+
+
+def line_of(func: Callable[..., Any], text_: str) -> int:
+    lines, start = inspect.getsourcelines(func)
+    for offset, line in enumerate(lines):
+        if text_ in line:
+            return start + offset
+    raise AssertionError(f"{text_!r} not in {func.__name__}")
+
+
+def asgi_client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=context.attributed(app), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@pytest.fixture
+def upstreams() -> Iterator[SlowUpstreams]:
+    factory = SlowUpstreams()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+# -- tasks --------------------------------------------------------------------------------
+
+NOTIFY_DELAY = 30.0
+
+
+def order_app(client: httpx.AsyncClient) -> FastAPI:
+    app = FastAPI()
+    app.state.tasks = set()
+
+    async def notify() -> None:
+        await client.post("https://mail.example/send")  # takes NOTIFY_DELAY seconds
+
+    @app.post("/order")
+    async def order() -> dict[str, bool]:
+        task = asyncio.create_task(notify())  # fire and forget
+        app.state.tasks.add(task)
+        return {"ok": True}
+
+    @app.post("/order-fixed")
+    async def order_fixed() -> dict[str, bool]:
+        with anyio.fail_after(1):
+            await client.post("https://mail.example/quick")
+        return {"ok": True}
+
+    return app
+
+
+@ASYNCIO
+async def test_fire_and_forget_task_is_reported_and_cancelled(upstreams: SlowUpstreams) -> None:
+    mail = upstreams("https://mail.example", delay=NOTIFY_DELAY)
+    upstreams("https://mail.example/quick")
+    async with httpx.AsyncClient(timeout=60.0) as mail_client:
+        app = order_app(mail_client)
+        async with asgi_client(app) as client:
+            with Guard(threshold_ms=50) as g:
+                leaks = LeakCheck().start()
+                assert (await client.post("/order")).status_code == 200
+                started = context.perf_counter()
+                found = await leaks.check(grace_s=0.3)
+                teardown_s = context.perf_counter() - started
+    assert teardown_s < NOTIFY_DELAY / 5  # the 30 s call did not hold up teardown
+    [task] = app.state.tasks
+    assert task.cancelled()
+    assert mail.cancelled == 1
+    assert found == g.findings
+    [finding] = found
+    assert finding.kind == "task-leak"
+    assert finding.request == "POST /order"
+    assert finding.file == "tests/test_leaks.py"
+    assert finding.function == "order"
+    assert finding.line == line_of(order_app, "asyncio.create_task(notify())")
+    assert "notify" in finding.message
+    now_at = line_of(order_app, "# takes NOTIFY_DELAY")
+    assert f"tests/test_leaks.py:{now_at} (notify)" in finding.message  # where it was
+    assert leaks.cancelled_tasks == 1
+
+
+@ASYNCIO
+async def test_awaited_work_leaves_no_task(upstreams: SlowUpstreams) -> None:
+    upstreams("https://mail.example", delay=0.01)
+    async with httpx.AsyncClient(timeout=5.0) as mail_client, asgi_client(
+        order_app(mail_client)
+    ) as client:
+        with Guard() as g:
+            leaks = LeakCheck().start()
+            assert (await client.post("/order-fixed")).status_code == 200
+            assert await leaks.check(grace_s=0.3) == []
+    assert g.findings == []
+
+
+@ASYNCIO
+async def test_task_that_finishes_within_the_grace_is_not_a_leak() -> None:
+    leaks = LeakCheck().start()
+    task = asyncio.create_task(asyncio.sleep(0.05))
+    assert await leaks.check(grace_s=2.0) == []
+    assert task.done() and not task.cancelled()
+
+
+@ASYNCIO
+async def test_check_is_bounded_even_with_a_frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    leaks = LeakCheck().start()
+    task = asyncio.create_task(asyncio.sleep(NOTIFY_DELAY))
+    await asyncio.sleep(0)
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)  # the loop clock stops
+    started = context.perf_counter()
+    [finding] = await leaks.check(grace_s=0.2)
+    monkeypatch.undo()
+    assert context.perf_counter() - started < NOTIFY_DELAY / 5
+    assert finding.kind == "task-leak"
+    assert finding.request is None
+    assert task.cancelled()
+
+
+@ASYNCIO
+async def test_task_factory_is_restored() -> None:
+    loop = asyncio.get_running_loop()
+    before = loop.get_task_factory()
+    leaks = LeakCheck().start()
+    assert loop.get_task_factory() is not before
+    await leaks.check(grace_s=0.0)
+    assert loop.get_task_factory() is before
+
+
+# -- worker threads -----------------------------------------------------------------------
+
+
+def export_app(release: threading.Event) -> FastAPI:
+    app = FastAPI()
+
+    def render() -> None:
+        release.wait(10)  # a slow sync call nobody can interrupt
+
+    @app.get("/export")
+    async def export() -> dict[str, bool]:
+        await anyio.to_thread.run_sync(render, abandon_on_cancel=True)
+        return {"ok": True}
+
+    return app
+
+
+@BOTH
+async def test_abandoned_worker_thread_is_reported() -> None:
+    release = threading.Event()
+    app = export_app(release)
+    try:
+        async with asgi_client(app) as client:
+            with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+                leaks = LeakCheck(watch).start()
+                started = context.perf_counter()
+                with anyio.move_on_after(0.1):
+                    await client.get("/export")
+                request_ended = context.perf_counter() - started
+                [finding] = await leaks.check(grace_s=0.2)
+                checked = context.perf_counter() - started
+                [call] = watch.thread_calls
+                assert call.cancelled is not None and call.ended is None  # both moments
+    finally:
+        release.set()
+    assert request_ended < checked  # the request gave up before the thread was free
+    assert g.findings == [finding]
+    assert finding.kind == "connection-leak"
+    assert finding.request == "GET /export"
+    assert (finding.file, finding.function) == ("tests/test_leaks.py", "render")
+    assert finding.line == line_of(export_app, "def render")
+    assert "cancelled" in finding.message
+    for _ in range(200):  # the thread ends once released (bounded)
+        if call.ended is not None:
+            break
+        await anyio.to_thread.run_sync(context.real_sleep, 0.01)
+    assert call.ended is not None and call.ended > call.cancelled
+
+
+@BOTH
+async def test_finished_worker_thread_is_clean() -> None:
+    release = threading.Event()
+    release.set()
+    async with asgi_client(export_app(release)) as client:
+        with Guard() as g, PoolWatch() as watch:
+            leaks = LeakCheck(watch).start()
+            assert (await client.get("/export")).status_code == 200
+            assert await leaks.check(grace_s=0.2) == []
+    assert g.findings == []
+
+
+@BOTH
+async def test_thread_started_during_the_test_running_user_code() -> None:
+    stop = threading.Event()
+
+    def poll_forever() -> None:
+        while not stop.wait(0.01):
+            pass
+
+    leaks = LeakCheck().start()
+    thread = threading.Thread(target=poll_forever, name="poller")
+    thread.start()
+    try:
+        [finding] = await leaks.check(grace_s=0.1)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert finding.kind == "connection-leak"
+    assert finding.function == "poll_forever"
+    assert finding.line == line_of(poll_forever, "stop.wait")
+    assert "'poller'" in finding.message
+
+
+# -- database connections -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}")
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+def reports_app(engine: AsyncEngine, kept: list[AsyncConnection]) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/reports")
+    async def reports() -> dict[str, int]:
+        conn = await engine.connect()  # never closed
+        kept.append(conn)
+        value = (await conn.execute(text("select 1"))).scalar_one()
+        return {"value": value}
+
+    @app.get("/reports-fixed")
+    async def reports_fixed() -> dict[str, int]:
+        async with engine.connect() as conn:
+            value = (await conn.execute(text("select 1"))).scalar_one()
+        return {"value": value}
+
+    return app
+
+
+@ASYNCIO
+async def test_connection_never_returned_is_located_at_checkout(engine: AsyncEngine) -> None:
+    kept: list[AsyncConnection] = []
+    async with asgi_client(reports_app(engine, kept)) as client:
+        with Guard() as g, PoolWatch() as watch:
+            leaks = LeakCheck(watch).start()
+            assert (await client.get("/reports")).status_code == 200
+            found = await leaks.check(grace_s=0.1)
+    for conn in kept:
+        await conn.close()
+    [finding] = found
+    assert finding.kind == "connection-leak"
+    assert finding.request == "GET /reports"
+    assert (finding.file, finding.function) == ("tests/test_leaks.py", "reports")
+    assert finding.line == line_of(reports_app, "await engine.connect()  #")
+    assert "still checked out" in finding.message
+    assert g.findings == found
+
+
+@ASYNCIO
+async def test_connection_returned_is_clean(engine: AsyncEngine) -> None:
+    async with asgi_client(reports_app(engine, [])) as client:
+        with Guard() as g, PoolWatch() as watch:
+            leaks = LeakCheck(watch).start()
+            for _ in range(3):
+                assert (await client.get("/reports-fixed")).status_code == 200
+            assert await leaks.check(grace_s=0.1) == []
+    assert g.findings == []
+    assert watch.checked_out() == []
+
+
+# -- the warm-pool wedge (FINDINGS: httpcore pool, real sockets) --------------------------
+
+
+def wedged(pool: Any) -> list[str]:
+    """The test's own oracle: connections no request can use, read from their repr."""
+    return [repr(c) for c in pool.connections if "CONNECTING" in repr(c) or "ACTIVE" in repr(c)]
+
+
+async def mixed_timeout_burst(client: httpx.AsyncClient, url: str, n: int) -> list[str]:
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await client.get(url)
+            outcomes.append("ok")
+        except httpx.TimeoutException as exc:
+            outcomes.append(type(exc).__name__)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return outcomes
+
+
+async def wedge_run(server_url: str, pool_timeout: float) -> tuple[bool, set[str]]:
+    """One warm-pool burst mixing ReadTimeout and PoolTimeout; asserts that the leak check
+    reports a connection-leak exactly when the pool is left wedged. Returns (wedged,
+    outcomes)."""
+    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
+    timeout = httpx.Timeout(5.0, read=0.2, pool=pool_timeout)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        with Guard() as g, PoolWatch() as watch:
+            leaks = LeakCheck(watch).start()
+            async with anyio.create_task_group() as tg:  # warm: two idle keep-alive conns
+                for _ in range(2):
+                    tg.start_soon(lambda: client.get(server_url, timeout=5.0))
+            outcomes = set(await mixed_timeout_burst(client, server_url, 10))
+            found = await leaks.check(grace_s=0.5)
+            pool = client._transport._pool  # type: ignore[attr-defined]
+            oracle = wedged(pool)  # the same moment: nothing awaited since the check
+    leaks_found = [f for f in found if f.kind == "connection-leak"]
+    assert bool(leaks_found) == bool(oracle), (found, oracle)
+    if oracle:
+        [finding] = leaks_found
+        assert f"{len(oracle)} connection(s)" in finding.message
+        assert (finding.file, finding.function) == ("tests/test_leaks.py", "one")
+    assert g.findings == found
+    return bool(oracle), outcomes
+
+
+@BOTH
+async def test_warm_pool_wedge_is_reported_exactly_when_it_happens() -> None:
+    """FINDINGS: a warm pool hit by a burst mixing ReadTimeout and PoolTimeout is sometimes
+    left with connections stuck CONNECTING. Measured here: with pool timeout == read timeout
+    (0.2 s, upstream 0.3 s) most runs wedge on asyncio, about a third on trio; with a pool
+    timeout of 0.1 s none do. Whatever happens, the report must match the pool."""
+    wedges, clean, outcomes = 0, 0, set()
+    with serve(delay=0.3) as server:
+        for _ in range(12):  # wedge-prone; stop once two wedges were seen
+            hit, seen = await wedge_run(server.url, pool_timeout=0.2)
+            wedges += hit
+            clean += not hit
+            outcomes |= seen
+            if wedges >= 2:
+                break
+        for _ in range(3):  # not wedge-prone
+            hit, seen = await wedge_run(server.url, pool_timeout=0.1)
+            wedges += hit
+            clean += not hit
+            outcomes |= seen
+    assert {"ReadTimeout", "PoolTimeout"} <= outcomes  # the bursts did mix them
+    assert wedges >= 1 and clean >= 1  # both sides of the equivalence were exercised
+
+
+@BOTH
+async def test_tracked_client_with_a_healthy_pool_is_clean() -> None:
+    with serve() as server:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            leaks = LeakCheck()
+            leaks.track(client)
+            leaks.start()
+            for _ in range(3):
+                await client.get(server.url)
+            assert await leaks.check(grace_s=0.1) == []
