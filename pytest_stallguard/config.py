@@ -17,7 +17,7 @@ TRAP_MODES = ("record", "raise", "off")
 LIFESPAN_MODES = ("report", "fail")
 POOL_KINDS = ("threads", "sqlalchemy", "httpx", "asyncpg")
 
-DEFAULT_MAX_CANARY_SLOWDOWN = 10.0
+DEFAULT_MAX_CANARY_SLOWDOWN = 20.0
 
 
 @dataclass(frozen=True)

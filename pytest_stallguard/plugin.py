@@ -29,7 +29,7 @@ REPORT_DESC = "Print the stallguard summary (bursts, canary, findings, pools) af
 ALLOW_DESC = "Lines of 'module.function' or 'path/to/file.py:function' where blocking is allowed."
 APP_DESC = "The ASGI app under test: 'pkg.module:app' or 'pkg.module:create_app()'."
 LIFESPAN_DESC = "Blocking in the app's lifespan: report (default, does not fail) or fail."
-SLOWDOWN_DESC = "Canary p95 over quiet baseline p95 that fails a test (default 10)."
+SLOWDOWN_DESC = "Canary p95 over quiet baseline p95 that fails a test (default 20)."
 STARTUP_DESC = "Seconds the app's lifespan startup may take (default 30)."
 SHUTDOWN_DESC = "Seconds the app's lifespan shutdown may take (default 30)."
 

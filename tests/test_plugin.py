@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_stallguard.client import slowdown_message
-from pytest_stallguard.config import MARKER_KEYS, TRAP_MODES
+from pytest_stallguard.config import DEFAULT_MAX_CANARY_SLOWDOWN, MARKER_KEYS, TRAP_MODES
 from pytest_stallguard.report.data import SCHEMA
 
 from .conftest import load_json
@@ -78,7 +78,7 @@ def test_canary_slowdown_fails_with_an_actionable_message(shop: pytest.Pytester)
         [
             "*[[]canary-slowdown[]] The canary GET /health slowed down *x during a burst of "
             "20 x GET /hold: p95 * ms (max * ms, * probes) against a quiet baseline p95 of * ms*"
-            "the limit is 10x*",
+            f"the limit is {DEFAULT_MAX_CANARY_SLOWDOWN:g}x*",
         ]
     )
     assert "test_hold" in result.stdout.str().split("short test summary")[1]
