@@ -290,6 +290,12 @@ _http_call: contextvars.ContextVar[_HttpCall | None] = contextvars.ContextVar(
 )
 
 
+# Time spent opening new DBAPI connections inside the Pool.connect being measured.
+_sa_opening: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "stallguard_sa_opening", default=None
+)
+
+
 def note_http_pool_wait(seconds: float) -> None:
     """Add ``seconds`` of pool wait to the httpx call being made (used by the fakes)."""
     call = _http_call.get()
@@ -661,17 +667,22 @@ class PoolWatch:
             overflow = getattr(pool, "_max_overflow", 0)
             if callable(size):
                 stats.size = int(size()) + max(int(overflow), 0)
+            # The wait for a slot, not the time to open a new DBAPI connection.
+            opening = [0.0]
+            token = _sa_opening.set(opening)
             started = context.perf_counter()
             try:
                 fairy = link.next(pool)
             except exc.TimeoutError:
-                wait_ms = (context.perf_counter() - started) * 1000.0
+                wait_ms = (context.perf_counter() - started - opening[0]) * 1000.0
                 with watch._lock:
                     stats.timeouts += 1
                     stats.waits_ms.append(wait_ms)
                 watch._sa_wait(stats, wait_ms, frame, timed_out=True)
                 raise
-            wait_ms = (context.perf_counter() - started) * 1000.0
+            finally:
+                _sa_opening.reset(token)
+            wait_ms = (context.perf_counter() - started - opening[0]) * 1000.0
             info = _request_info()
             record = getattr(fairy, "_connection_record", None)
             with watch._lock:
@@ -694,6 +705,19 @@ class PoolWatch:
                 watch._checked_out.pop(id(record), None)
 
         self._patches.set(Pool, "connect", connect, link)
+
+        create_link = self._patches.link(Pool, "_create_connection")
+
+        def _create_connection(pool: Any) -> Any:
+            opening = _sa_opening.get()
+            started = context.perf_counter()
+            try:
+                return create_link.next(pool)
+            finally:
+                if opening is not None:
+                    opening[0] += context.perf_counter() - started
+
+        self._patches.set(Pool, "_create_connection", _create_connection, create_link)
         event.listen(Pool, "checkin", on_checkin)
         self._sa_events.append((Pool, "checkin", on_checkin))
         self._patch_init(Engine, "SQLAlchemy engine")
@@ -743,10 +767,9 @@ class PoolWatch:
             holder = getattr(proxy, "_holder", None)
             with watch._lock:
                 stats.waits_ms.append(wait_ms)
-                queue = getattr(pool, "_queue", None)
-                if queue is not None:
-                    in_use = stats.size - queue.qsize()
-                    stats.max_in_use = max(stats.max_in_use, in_use)
+                holders = getattr(pool, "_holders", ())
+                in_use = sum(1 for h in holders if getattr(h, "_in_use", None) is not None)
+                stats.max_in_use = max(stats.max_in_use, in_use)
                 if holder is not None:
                     watch._asyncpg_out[id(holder)] = (weakref.ref(holder), CheckedOut(
                         pool=stats.name, request=None if info is None else info.request,
@@ -761,6 +784,10 @@ class PoolWatch:
 
 
 # -- shrinking ----------------------------------------------------------------------------
+
+
+# asyncpg pools (which have __slots__) given a default acquire timeout by ShrinkPools.
+_asyncpg_default_timeouts: dict[int, float] = {}
 
 
 def _check_size(kind: str, value: Any, minimum: int = 1) -> int:
@@ -796,6 +823,8 @@ class ShrinkPools:
         self._threads_patched = False
         self._applied: dict[str, Any] = {}
         self._closed = False
+        self._asyncpg_patched = False
+        self._asyncpg_pools: list[Any] = []  # keeps ids in the timeout table valid
 
     # -- threads -----------------------------------------------------------------------
     def threads(self, n: int) -> None:
@@ -936,8 +965,7 @@ class ShrinkPools:
         def undo() -> None:
             while held:
                 queue.put_nowait(held.pop())
-            if vars(pool).get("_acquire") is acquire:
-                del pool._acquire
+            _asyncpg_default_timeouts.pop(id(pool), None)
 
         self._undo.append(undo)
         for _ in range(max(maxsize - size, 0)):
@@ -946,10 +974,20 @@ class ShrinkPools:
             except asyncio.QueueEmpty:
                 held.append(await asyncio.wait_for(queue.get(), timeout))
 
-        async def acquire(t: Any) -> Any:
-            return await type(pool)._acquire(pool, timeout if t is None else t)
+        _asyncpg_default_timeouts[id(pool)] = timeout
+        self._asyncpg_pools.append(pool)
+        if not self._asyncpg_patched:
+            self._asyncpg_patched = True
+            import asyncpg.pool
 
-        pool._acquire = acquire
+            link = self._patches.link(asyncpg.pool.Pool, "_acquire")
+
+            async def _acquire(p: Any, t: Any) -> Any:
+                if t is None:
+                    t = _asyncpg_default_timeouts.get(id(p))
+                return await link.next(p, t)
+
+            self._patches.set(asyncpg.pool.Pool, "_acquire", _acquire, link)
 
     # -- zero-config -------------------------------------------------------------------
     def apply(self, spec: dict[str, Any]) -> None:
@@ -1035,6 +1073,8 @@ class ShrinkPools:
                 errors.append(exc)
         self._threads = None
         self._threads_patched = False
+        self._asyncpg_patched = False
+        self._asyncpg_pools.clear()
         if errors:
             raise errors[0]
 

