@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.lowlevel
+
 # Real clocks, captured before any test can patch them.
 perf_counter = time.perf_counter
 monotonic = time.monotonic
@@ -104,16 +106,24 @@ _WRAPPED = "__stallguard_wrapped__"
 on_enter: list[Callable[[], None]] = []
 
 
-def attributed(app: ASGIApp) -> ASGIApp:
+def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
     """Wrap an ASGI app so that code running for each call knows its request.
 
     The wrapper changes nothing the app sees: same scope, receive and send messages.
     Wrapping twice is a no-op.
+
+    ``isolate=True`` is for clients that run the app inline, in the caller's task
+    (``httpx.ASGITransport``): the call then starts and ends with a scheduling point, so
+    the request runs in loop steps of its own, as it would under a server, instead of
+    sharing one step with the test's code and its other requests (which would add up to
+    a loop stall no request caused).
     """
     if getattr(app, _WRAPPED, False):
         return app
 
     async def stallguard_attributed(scope: Scope, receive: Receive, send: Send) -> None:
+        if isolate:
+            await anyio.lowlevel.checkpoint()
         info = RequestInfo(label_of(scope), threading.get_ident())
         token = _current.set(info)
         for hook in on_enter:
@@ -133,6 +143,8 @@ def attributed(app: ASGIApp) -> ASGIApp:
             await app(scope, receive, watched_send)
         finally:
             _current.reset(token)
+        if isolate:
+            await anyio.lowlevel.checkpoint()
 
     setattr(stallguard_attributed, _WRAPPED, True)
     stallguard_attributed.__wrapped__ = app  # type: ignore[attr-defined]

@@ -191,6 +191,8 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
             settings = _settings_for(item)
         except ConfigError as exc:
             pytest.fail(str(exc), pytrace=False)
+        if item.config.stash[ALL_KEY]:
+            intercept.install()  # modules the suite imported since the last test
         run = GuardRun(settings)
         item.stash[RUN_KEY] = run
         run.start()
@@ -212,9 +214,9 @@ def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
         @functools.wraps(fn)
         async def async_test(*args: Any, **kwargs: Any) -> Any:
             __tracebackhide__ = True
+            await run.enter_loop()
             result = await fn(*args, **kwargs)
-            for check in run.after_test:
-                await check()
+            await run.leave_loop()
             verdict()
             return result
 

@@ -13,10 +13,14 @@ Stopping restores everything that was patched, whatever happened in between.
 from __future__ import annotations
 
 import contextlib
+
+import anyio
+import anyio.lowlevel
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import traps
+from . import context, traps
+from .loopwatch import LoopWatch
 from .config import Settings
 from .guard import Guard
 from .model import DOCS, Finding
@@ -58,6 +62,22 @@ class GuardRun:
     def stop(self) -> None:
         self._stack.close()
 
+    async def enter_loop(self) -> None:
+        """Hook the running loop now (from inside it), then start a fresh loop step.
+
+        Loop steps are timed from the first step that starts after the loop is hooked;
+        the test's first request may run inside the very step that would hook it.
+        """
+        for hook in context.on_enter:
+            hook()
+        await anyio.lowlevel.checkpoint()
+
+    async def leave_loop(self) -> None:
+        """After the test body: end its loop step (so it is judged), run the leak checks."""
+        await anyio.lowlevel.checkpoint()
+        for check in self.after_test:
+            await check()
+
     def pool_stats(self) -> list[Any]:
         """PoolStats of every detector that watches pools."""
         stats: list[Any] = []
@@ -89,8 +109,25 @@ def _traps(run: GuardRun) -> _Traps | None:
     return None if run.settings.traps == "off" else _Traps(run)
 
 
+class _LoopStalls:
+    """The loop watch: its watchdog runs for the test; loops are hooked as requests start."""
+
+    def __init__(self, run: GuardRun) -> None:
+        self.watch = LoopWatch(run.settings.threshold_ms)
+
+    def start(self) -> None:
+        self.watch.start()
+        context.on_enter.append(self.watch.attach)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            context.on_enter.remove(self.watch.attach)
+        self.watch.stop()
+        self.watch.detach_all()
+
+
 # Factories (run -> detector or None), started in this order and stopped in reverse.
-_DETECTORS: list[Callable[[GuardRun], Any]] = [_traps]
+_DETECTORS: list[Callable[[GuardRun], Any]] = [_traps, _LoopStalls]
 
 
 def failure_message(findings: list[Finding]) -> str:

@@ -140,13 +140,17 @@ def test_json_report_follows_the_schema(shop: pytest.Pytester) -> None:
     assert set(b["canary"]) >= {"path", "baseline_p95_ms", "p95_ms", "max_ms", "slowdown"}
     failed = tests["test_fails[asyncio]"]
     assert failed["outcome"] == "failed"
-    (finding,) = failed["findings"]
-    assert set(finding) == {"kind", "message", "file", "line", "function", "request",
-                            "duration_ms", "call", "count"}
-    assert finding["kind"] == "canary-slowdown"
-    assert finding["file"] == "test_json_report_follows_the_schema.py"
-    assert finding["function"] == "test_fails"
-    assert report["summary"] == {"tests": 2, "findings": {"canary-slowdown": 1}}
+    kinds = {f["kind"]: f for f in failed["findings"]}
+    assert set(kinds) == {"canary-slowdown", "loop-stall"}
+    for finding in failed["findings"]:
+        assert set(finding) == {"kind", "message", "file", "line", "function", "request",
+                                "duration_ms", "call", "count"}
+    canary = kinds["canary-slowdown"]
+    assert canary["file"] == "test_json_report_follows_the_schema.py"
+    assert canary["function"] == "test_fails" and canary["request"] == "GET /health"
+    stall = kinds["loop-stall"]
+    assert (stall["file"], stall["function"], stall["request"]) == ("myapp.py", "hold", "GET /hold")
+    assert report["summary"] == {"tests": 2, "findings": {"canary-slowdown": 1, "loop-stall": 1}}
 
 
 def test_terminal_report(shop: pytest.Pytester) -> None:
