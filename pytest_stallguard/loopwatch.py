@@ -35,6 +35,10 @@ What is not blamed on the app:
 * GC: ``gc.callbacks`` log every collection; a step's GC time is subtracted, and a step
   that is only over the threshold because of GC is counted in :attr:`LoopWatch.gc_pauses`
   instead of being recorded.
+* Preemption: time the loop thread spent runnable but not running (other processes had
+  the CPU: CPU burners, a busy CI machine), from ``/proc/self/task/<tid>/schedstat`` on
+  Linux (read by the watchdog at every wake and at the end of a long step), is subtracted;
+  steps only over the threshold because of it are counted in :attr:`LoopWatch.preempted`.
 * Trapped blocking calls: time inside a call :mod:`traps` recorded is subtracted too (the
   blocking-call finding already names it).
 * Steps not running for a request (the test's own code, pytest-asyncio internals) or
@@ -55,6 +59,7 @@ import asyncio.events
 import contextlib
 import contextvars
 import gc
+import os
 import sys
 import threading
 import time
@@ -105,6 +110,9 @@ class _LoopState:
         "kind",
         "lock",
         "loop",
+        "native_id",
+        "rq_fd",
+        "rq_val",
         "sample_seq",
         "samples",
         "seq",
@@ -120,6 +128,9 @@ class _LoopState:
         self.loop = loop
         self.token = token  # trio: the run's TrioToken
         self.thread = threading.get_ident()
+        self.native_id = threading.get_native_id()
+        self.rq_fd = -2  # /proc schedstat of the loop thread: -2 not opened yet, -1 none
+        self.rq_val = 0  # its run-queue wait (ns), read by the watchdog at every wake
         self.active = True
         self.start = 0.0  # perf_counter at the start of the running step, 0.0 when idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context
@@ -224,6 +235,15 @@ class _TrioInstrument:
         st.start = 0.0
         if st.active and start and end - start > st.watch._threshold_s:
             st.watch._step_done(st, start, end, task.context, task)
+
+
+def _run_queue_ns(fd: int) -> int:
+    """Time the thread spent runnable but not running (preempted by other processes), from
+    ``/proc/self/task/<tid>/schedstat`` (Linux); 0 when unreadable."""
+    try:
+        return int(os.pread(fd, 128, 0).split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 # -- GC log --------------------------------------------------------------------------------
@@ -363,6 +383,7 @@ class LoopWatch:
         self.gil = gil  # look for threads starving the loop of the GIL
         self.gc_pauses = 0  # steps over the threshold only because of garbage collection
         self.gc_pause_max_ms = 0.0
+        self.preempted = 0  # steps over the threshold only because the OS preempted the loop
         self.stalls = 0  # loop-stall findings recorded (before folding)
         self._mine: dict[Any, _LoopState] = {}  # loop or trio token -> state
         self._instruments: dict[Any, _TrioInstrument] = {}  # trio token -> instrument
@@ -440,6 +461,10 @@ class LoopWatch:
         if st is None:
             return
         st.active = False
+        fd, st.rq_fd = st.rq_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if st.kind == "trio":
             instrument = self._instruments.pop(key, None)
             trio_mod = sys.modules.get("trio")
@@ -502,10 +527,17 @@ class LoopWatch:
             start,
             end,
         )
-        if duration - gc_s - blocked_s <= self._threshold_s:
-            if gc_s > 0 and duration - blocked_s > self._threshold_s:
+        # Preempted by other processes (CPU burners, a busy CI box): not the app's doing.
+        # Read against the watchdog's last reading, at most one poll interval old.
+        preempted_s = 0.0
+        if st.rq_fd >= 0:
+            preempted_s = max(0, _run_queue_ns(st.rq_fd) - st.rq_val) / 1e9
+        if duration - gc_s - blocked_s - preempted_s <= self._threshold_s:
+            if gc_s > 0 and duration - blocked_s - preempted_s > self._threshold_s:
                 self.gc_pauses += 1
                 self.gc_pause_max_ms = max(self.gc_pause_max_ms, gc_s * 1000.0)
+            elif preempted_s > 0 and duration - blocked_s > self._threshold_s:
+                self.preempted += 1
             return
         if ctx is not None and ctx.get(context._paused, False):
             return
@@ -558,14 +590,21 @@ class LoopWatch:
     # -- watchdog thread -------------------------------------------------------------------
     def _watchdog(self) -> None:
         interval = self.interval_s
+        self._watch(interval)
+
+    def _watch(self, interval: float) -> None:
         while not self._stopping:
-            states = list(self._mine.values())
             asked = perf_counter()
             cpu0 = time.process_time()
             real_sleep(interval)
             now = perf_counter()
+            states = list(self._mine.values())
             idle_since = asked + interval
             for st in states:
+                if st.rq_fd == -2:
+                    st.rq_fd = _open_schedstat(st.native_id)
+                if st.rq_fd >= 0:
+                    st.rq_val = _run_queue_ns(st.rq_fd)
                 start = st.start
                 if start:
                     idle_since = now
@@ -637,6 +676,14 @@ class LoopWatch:
                 call="gil",
             )
             return
+
+
+def _open_schedstat(native_id: int) -> int:
+    # Opened by the watchdog thread, never on the loop (the traps would see the open).
+    try:
+        return os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+    except OSError:
+        return -1
 
 
 def _has_user_frame(frame: FrameType | None) -> bool:
