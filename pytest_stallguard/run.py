@@ -13,16 +13,16 @@ Stopping restores everything that was patched, whatever happened in between.
 from __future__ import annotations
 
 import contextlib
-
-import anyio
-import anyio.lowlevel
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import anyio
+import anyio.lowlevel
+
 from . import context, traps
-from .loopwatch import LoopWatch
 from .config import Settings
 from .guard import Guard
+from .loopwatch import LoopWatch
 from .model import DOCS, Finding
 
 

@@ -99,7 +99,7 @@ def test_streaming_body_is_timed_not_buffered() -> None:
 
     result = anyio.run(main)
     assert result.statuses[200] == 3
-    for first, last in zip(result.ttfb_ms, result.latencies_ms):
+    for first, last in zip(result.ttfb_ms, result.latencies_ms, strict=True):
         # the second chunk comes 100 ms after the first: first byte well before last
         assert last - first > 5 * first
 
