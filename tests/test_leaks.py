@@ -18,13 +18,25 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from pytest_stallguard import context
+from pytest_stallguard import context, location
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.leaks import LeakCheck
 from pytest_stallguard.pools import PoolWatch
 from pytest_stallguard.upstream import SlowUpstreams, serve
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Findings name files relative to the rootdir; other tests (pytester runs of the
+    plugin) may have pointed the module-wide root elsewhere."""
+    previous = location._root
+    location.set_root(str(request.config.rootpath))
+    try:
+        yield
+    finally:
+        location._root = previous
 
 BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
 # Task leaks are an asyncio matter: on trio a task cannot outlive its nursery. SQLAlchemy's

@@ -21,12 +21,24 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool.base import Pool
 from sqlalchemy.pool.impl import QueuePool
 
-from pytest_stallguard import context
+from pytest_stallguard import context, location
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
 from pytest_stallguard.upstream import SlowUpstreams, serve
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Findings name files relative to the rootdir; other tests (pytester runs of the
+    plugin) may have pointed the module-wide root elsewhere."""
+    previous = location._root
+    location.set_root(str(request.config.rootpath))
+    try:
+        yield
+    finally:
+        location._root = previous
 
 BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
 # SQLAlchemy's async engines (and aiosqlite) run on asyncio only.

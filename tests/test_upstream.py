@@ -12,13 +12,25 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from pytest_stallguard import context
+from pytest_stallguard import context, location
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.upstream import SlowUpstreams, serve, slow_upstreams
 
 # Everything here works on both backends (the fakes sleep with anyio, the server has its
 # own thread and loop).
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Findings name files relative to the rootdir; other tests (pytester runs of the
+    plugin) may have pointed the module-wide root elsewhere."""
+    previous = location._root
+    location.set_root(str(request.config.rootpath))
+    try:
+        yield
+    finally:
+        location._root = previous
 
 
 @pytest.fixture(params=["asyncio", "trio"], ids=["asyncio", "trio"])
