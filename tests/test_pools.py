@@ -500,3 +500,17 @@ async def test_everything_is_restored_after_an_exception(engine: AsyncEngine) ->
     } == originals
     assert engine.sync_engine.pool is original_pool
     assert anyio.to_thread.current_default_thread_limiter().total_tokens == 40
+
+
+@BOTH
+async def test_patches_can_be_undone_in_any_order() -> None:
+    original = anyio.to_thread.run_sync
+    shrink = ShrinkPools()
+    shrink.threads(4)  # layer 1
+    watch = PoolWatch().start()  # layer 2, on top
+    shrink.close()  # the lower layer goes first
+    assert anyio.to_thread.run_sync is not original
+    assert await anyio.to_thread.run_sync(lambda: 7) == 7  # the chain still works
+    watch.stop()
+    assert anyio.to_thread.run_sync is original
+    assert anyio.to_thread.current_default_thread_limiter().total_tokens == 40

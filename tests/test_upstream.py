@@ -248,6 +248,7 @@ async def test_untimed_call_is_a_missing_timeout_finding(upstreams: SlowUpstream
                 for _ in range(3):
                     assert (await test_client.post("/checkout")).status_code == 200
     assert up.untimed == 3
+    assert {call.request for call in up.calls} == {"POST /checkout"}
     [finding] = g.findings
     assert finding.kind == "missing-timeout"
     assert finding.file == "tests/test_upstream.py"
