@@ -1,0 +1,270 @@
+"""The guard through pytest: --stall-guard on an unchanged suite, windows, allowlist, modes."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from .conftest import load_json
+
+APP = '''
+import time
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+
+@asynccontextmanager
+async def lifespan(app):
+    time.sleep(0.03)  # LIFESPAN-LINE
+    yield
+
+
+def create_app(slow_startup=False):
+    app = FastAPI(lifespan=lifespan if slow_startup else None)
+
+    @app.get("/sleepy")
+    async def sleepy():
+        time.sleep(0.03)  # SLEEP-LINE
+        return {"ok": True}
+
+    @app.get("/threaded")
+    def threaded():
+        time.sleep(0.03)
+        return {"ok": True}
+
+    @app.get("/offloaded")
+    async def offloaded():
+        await anyio.to_thread.run_sync(time.sleep, 0.03)
+        return {"ok": True}
+
+    @app.get("/swallowed")
+    async def swallowed():
+        try:
+            time.sleep(0.01)
+        except Exception:
+            return {"swallowed": True}
+        return {"ok": True}
+
+    return app
+'''
+
+SUITE = '''
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from myapp import create_app
+
+
+async def get(path, app=None):
+    transport = httpx.ASGITransport(app=app or create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.get(path)
+
+
+@pytest.mark.anyio
+async def test_sleepy():
+    assert (await get("/sleepy")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_threaded():
+    assert (await get("/threaded")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_offloaded():
+    assert (await get("/offloaded")).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_own_code_blocks():
+    import time
+    time.sleep(0.03)  # the test's own code is not a finding
+
+
+def test_sync_testclient():
+    with TestClient(create_app()) as client:
+        assert client.get("/sleepy").status_code == 200
+'''
+
+
+def line_of(source: str, marker: str) -> int:
+    # pytester strips the source before writing it
+    return next(i for i, line in enumerate(source.strip().splitlines(), 1) if marker in line)
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makepyfile(myapp=APP, test_suite=SUITE)
+    # starlette's TestClient warns that it wants httpx2; not what this test is about
+    pytester.makeini("[pytest]\nfilterwarnings = ignore:Using `httpx` with\n")
+    pytester.syspathinsert()
+    return pytester
+
+
+def test_unchanged_suite_passes_without_the_flag(suite: pytest.Pytester) -> None:
+    suite.runpytest("-p", "no:asyncio", "-k", "not trio").assert_outcomes(passed=5)
+
+
+def test_stall_guard_flag_finds_the_blocking_line(suite: pytest.Pytester) -> None:
+    out = suite.path / "report.json"
+    result = suite.runpytest(
+        "-p", "no:asyncio", "-k", "not trio", "--stall-guard", f"--stall-report-json={out}"
+    )
+    result.assert_outcomes(passed=3, failed=2)
+    sleep_line = line_of(APP, "SLEEP-LINE")
+    result.stdout.fnmatch_lines(
+        [
+            f"*[[]blocking-call[]] time.sleep() blocked the event loop for * ms during GET "
+            f"/sleepy at myapp.py:{sleep_line} (sleepy)*",
+        ]
+    )
+    report = load_json(out)
+    failed = {t["nodeid"].split("::")[1] for t in report["tests"] if t["outcome"] == "failed"}
+    assert failed == {"test_sleepy[asyncio]", "test_sync_testclient"}
+    for test in report["tests"]:
+        for f in test["findings"]:
+            assert (f["kind"], f["file"], f["line"], f["function"], f["request"]) == (
+                "blocking-call", "myapp.py", sleep_line, "sleepy", "GET /sleepy"
+            )
+
+
+def test_originals_are_restored_after_every_test(suite: pytest.Pytester) -> None:
+    before = (time.sleep, socket.getaddrinfo, socket.socket.connect, open)
+    suite.runpytest("-p", "no:asyncio", "-k", "not trio", "--stall-guard")
+    assert (time.sleep, socket.getaddrinfo, socket.socket.connect, open) == before
+
+
+def test_findings_are_not_swallowed_by_the_app(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(myapp=APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def stall_app():
+            return create_app()
+
+        async def test_it(stall_client):
+            r = await stall_client.get("/swallowed")
+            assert r.json() == {"ok": True}   # the app saw no exception
+        """
+    )
+    result = pytester.runpytest("-p", "no:asyncio")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*[[]blocking-call[]]*during GET /swallowed*"])
+
+
+def test_raise_mode_raises_at_the_call(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(myapp=APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def stall_app():
+            return create_app()
+
+        @pytest.mark.concurrency(traps="raise")
+        async def test_it(stall_client):
+            r = await stall_client.get("/sleepy")
+            assert r.status_code == 500   # BlockingCallError raised in the endpoint
+        """
+    )
+    result = pytester.runpytest("-p", "no:asyncio")
+    result.assert_outcomes(failed=1)  # and still failed by the recorded finding
+    result.stdout.fnmatch_lines(["*[[]blocking-call[]]*GET /sleepy*"])
+
+
+@pytest.mark.parametrize(
+    ("how", "outcome"),
+    [
+        ("ini", {"passed": 1}),
+        ("marker", {"passed": 1}),
+        ("call", {"passed": 1}),
+        ("paused", {"passed": 1}),
+        ("none", {"failed": 1}),
+    ],
+)
+def test_allow_and_pause(pytester: pytest.Pytester, how: str, outcome: dict[str, int]) -> None:
+    pytester.makepyfile(myapp=APP)
+    pytester.syspathinsert()
+    if how == "ini":
+        pytester.makeini("[pytest]\nstallguard_allow =\n    myapp.sleepy\n")
+    marker = '@pytest.mark.concurrency(allow=["myapp.py:sleepy"])' if how == "marker" else ""
+    allow = 'stall_guard.allow("myapp.slee*")' if how == "call" else "pass"
+    body = (
+        "with stall_guard.paused():\n                r = await stall_client.get('/sleepy')"
+        if how == "paused"
+        else "r = await stall_client.get('/sleepy')"
+    )
+    pytester.makepyfile(
+        f"""
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def stall_app():
+            return create_app()
+
+        {marker}
+        async def test_it(stall_client, stall_guard):
+            {allow}
+            {body}
+            assert r.status_code == 200
+        """
+    )
+    pytester.runpytest("-p", "no:asyncio").assert_outcomes(**outcome)
+
+
+def test_only_window_measures_the_tests_own_code(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import time
+
+        async def test_window(stall_guard):
+            time.sleep(0.01)          # outside the window: not measured
+            with stall_guard.only():
+                time.sleep(0.01)      # inside: measured
+        """
+    )
+    result = pytester.runpytest("-p", "no:asyncio")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*[[]blocking-call[]] time.sleep()*during test at*:6 (test_window)*"])
+
+
+@pytest.mark.parametrize(("mode", "outcome"), [("report", "passed"), ("fail", "failed")])
+def test_lifespan_blocking_is_reported_and_fails_only_on_request(
+    pytester: pytest.Pytester, mode: str, outcome: str
+) -> None:
+    pytester.makepyfile(myapp=APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        f"""
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def stall_app():
+            return create_app(slow_startup=True)
+
+        @pytest.mark.concurrency(lifespan="{mode}")
+        async def test_it(stall_client):
+            assert (await stall_client.get("/threaded")).status_code == 200
+        """
+    )
+    out = pytester.path / "r.json"
+    result = pytester.runpytest("-p", "no:asyncio", f"--stall-report-json={out}")
+    result.assert_outcomes(**{outcome: 1})
+    (test,) = load_json(out)["tests"]
+    (finding,) = test["findings"]
+    assert (finding["request"], finding["line"]) == ("lifespan", line_of(APP, "LIFESPAN-LINE"))
