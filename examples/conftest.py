@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from shop.config import ShopConfig
 
 from pytest_stallguard import StallFindings
 
@@ -19,10 +20,28 @@ BROKEN = pytest.mark.xfail(
 )
 
 
+PAYMENTS = "https://payments.example"
+
+
+@pytest.fixture
+def shop_config(slow_upstream, tmp_path) -> ShopConfig:  # type: ignore[no-untyped-def]
+    """The shop's neighbours, faked: a real search server on loopback (the sync SDK
+    needs real sockets), a respx fake of the payment API, a real stats server."""
+    search = slow_upstream.serve(delay=0.02, json=["teapot", "kettle"])
+    stats = slow_upstream.serve(delay=0.2, json={"visits": 42})
+    slow_upstream(PAYMENTS, delay=0.05, json={"status": "paid"})
+    return ShopConfig(
+        search_url=search.url,
+        payments_url=PAYMENTS,
+        stats_url=stats.url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
+    )
+
+
 @pytest.fixture(params=["fixed", "broken"])
-def stall_app(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def stall_app(request: pytest.FixtureRequest, shop_config: ShopConfig):  # type: ignore[no-untyped-def]
     module = importlib.import_module(f"shop.{request.param}")
-    return module.create_app()
+    return module.create_app(shop_config)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

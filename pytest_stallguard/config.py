@@ -25,6 +25,7 @@ class Settings:
     """Effective settings for one test (or, without marker and call, for the session)."""
 
     threshold_ms: float = 20.0
+    pool_wait_ms: float = 100.0
     traps: str = "record"
     allow: tuple[str, ...] = ()
     lifespan: str = "report"
@@ -40,7 +41,8 @@ class Settings:
 
     def header(self) -> str:
         return (
-            f"stallguard: threshold={self.threshold_ms:g}ms traps={self.traps} "
+            f"stallguard: threshold={self.threshold_ms:g}ms pool_wait={self.pool_wait_ms:g}ms "
+            f"traps={self.traps} "
             f"lifespan={self.lifespan} max_canary_slowdown={self.max_canary_slowdown:g}x "
             f"startup_timeout={self.startup_timeout:g}s"
             + (f" allow={len(self.allow)} pattern(s)" if self.allow else "")
@@ -145,6 +147,7 @@ def pools_spec(value: Any, where: str) -> dict[str, int]:
 
 VALIDATORS: dict[str, Callable[..., Any]] = {
     "threshold_ms": _number("stall_threshold_ms"),
+    "pool_wait_ms": _number("pool_wait_ms"),
     "traps": _choice("traps mode", TRAP_MODES),
     "allow": _allow,
     "lifespan": _choice("lifespan mode", LIFESPAN_MODES),
@@ -167,6 +170,7 @@ MARKER_KEYS = {
     "every_ms": "every_ms",
     "max_canary_slowdown": "max_canary_slowdown",
     "stall_threshold_ms": "threshold_ms",
+    "pool_wait_ms": "pool_wait_ms",
     "traps": "traps",
     "leak_check": "leak_check",
     "allow": "allow",

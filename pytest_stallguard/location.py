@@ -26,10 +26,16 @@ _root = os.getcwd()
 _cache: dict[str, bool] = {}
 
 
-def set_root(path: str) -> None:
-    """Paths in findings are made relative to this directory (pytest's rootdir)."""
+def set_root(path: str) -> str:
+    """Make paths in findings relative to ``path`` (pytest's rootdir); returns the old root."""
     global _root
-    _root = os.path.abspath(path)
+    old, _root = _root, os.path.abspath(path)
+    _cache.clear()
+    return old
+
+
+def root() -> str:
+    return _root
 
 
 def is_user_file(filename: str) -> bool:

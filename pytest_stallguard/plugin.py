@@ -18,11 +18,14 @@ from .config import MARKER_KEYS, Settings, layer, marker_values
 from .errors import AppLoadError, ConfigError, StallFindings
 from .guard import Guard
 from .model import TestRecord
+from .pools import ShrinkPools
 from .report import data as data_report
 from .report import text as text_report
 from .run import GuardRun, failure_message
+from .upstream import SlowUpstreams
 
 THRESHOLD_DESC = "Loop-stall threshold in milliseconds (default 20)."
+POOL_WAIT_DESC = "Pool and worker-thread wait that makes a finding, in milliseconds (default 100)."
 TRAPS_DESC = "What a trapped blocking call does: record (default, fail at teardown), raise, off."
 ALL_DESC = "Arm the guard in every test, also ones that use no stallguard fixture."
 REPORT_DESC = "Print the stallguard summary (bursts, canary, findings, pools) after the run."
@@ -39,6 +42,7 @@ SETTINGS_KEY = pytest.StashKey[Settings]()
 ALL_KEY = pytest.StashKey[bool]()
 RUN_KEY = pytest.StashKey[GuardRun]()
 OUTCOME_KEY = pytest.StashKey[str]()
+ROOT_KEY = pytest.StashKey[str]()
 
 
 # -- options -----------------------------------------------------------------------------
@@ -65,6 +69,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("stallguard_report", REPORT_DESC, type="bool", default=False)
     parser.addini("stallguard_threshold_ms", THRESHOLD_DESC, default="")
     parser.addini("stallguard_traps", TRAPS_DESC, default="")
+    parser.addini("stallguard_pool_wait_ms", POOL_WAIT_DESC, default="")
     parser.addini("stallguard_allow", ALLOW_DESC, type="linelist", default=[])
     parser.addini("stallguard_lifespan", LIFESPAN_DESC, default="")
     parser.addini("stallguard_max_canary_slowdown", SLOWDOWN_DESC, default="")
@@ -76,6 +81,7 @@ def _base_settings(config: pytest.Config) -> Settings:
     """Built-in defaults < ini < command line."""
     ini = {
         "threshold_ms": config.getini("stallguard_threshold_ms") or None,
+        "pool_wait_ms": config.getini("stallguard_pool_wait_ms") or None,
         "traps": config.getini("stallguard_traps") or None,
         "allow": config.getini("stallguard_allow") or None,
         "lifespan": config.getini("stallguard_lifespan") or None,
@@ -106,7 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if not hasattr(config, "workerinput"):  # xdist workers hand their records over
         config.pluginmanager.register(_Reporter(config), "stallguard-reporter")
-    location.set_root(str(config.rootpath))
+    config.stash[ROOT_KEY] = location.set_root(str(config.rootpath))
     if config.stash[ALL_KEY]:
         # Transports and lifespan managers built by module- or session-scoped fixtures
         # must carry request labels too: wrap their constructors for the whole session.
@@ -115,6 +121,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     intercept.uninstall()
+    old_root = config.stash.get(ROOT_KEY, None)
+    if old_root is not None:  # a nested run (pytester) gives the outer one its root back
+        location.set_root(old_root)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -203,11 +212,13 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
     """The test function, followed by the after-test checks, failing on findings."""
 
-    def verdict() -> None:
+    def verdict(error: Exception | None = None) -> None:
+        """Fail on findings; when the test failed too, the findings come first (they are
+        usually why), with the test's own error chained below them."""
         __tracebackhide__ = True
         failing = run.guard.failing()
         if failing:
-            raise StallFindings(failure_message(failing), failing)
+            raise StallFindings(failure_message(failing), failing) from error
 
     if inspect.iscoroutinefunction(fn):
 
@@ -215,7 +226,12 @@ def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
         async def async_test(*args: Any, **kwargs: Any) -> Any:
             __tracebackhide__ = True
             await run.enter_loop()
-            result = await fn(*args, **kwargs)
+            try:
+                result = await fn(*args, **kwargs)
+            except Exception as exc:
+                await run.leave_loop()
+                verdict(exc)
+                raise
             await run.leave_loop()
             verdict()
             return result
@@ -225,7 +241,11 @@ def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
     @functools.wraps(fn)
     def sync_test(*args: Any, **kwargs: Any) -> Any:
         __tracebackhide__ = True
-        result = fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            verdict(exc)
+            raise
         verdict()
         return result
 
@@ -263,7 +283,14 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if call.excinfo is not None and call.excinfo.errisinstance(StallFindings):
-        report.longrepr = str(call.excinfo.value)
+        error = call.excinfo.value
+        text = str(error)
+        if error.__cause__ is not None:
+            text += (
+                "\n\nThe test itself also failed (probably for the same reason): "
+                f"{type(error.__cause__).__name__}: {error.__cause__}"
+            )
+        report.longrepr = text
     run = item.stash.get(RUN_KEY, None)
     if run is None:
         return report
@@ -356,6 +383,21 @@ def stall_app(request: pytest.FixtureRequest) -> Any:
         return load_app(spec)
     except AppLoadError as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def slow_upstream(request: pytest.FixtureRequest) -> SlowUpstreams:
+    """Fake slow upstreams: ``slow_upstream("https://pay.example", delay=0.9)`` (respx,
+    honouring the caller's timeouts and pool limits) or ``slow_upstream.serve(delay=...)``
+    (a real HTTP server on 127.0.0.1). Stopped after the test."""
+    return _run_of(request).upstreams
+
+
+@pytest.fixture
+def shrink_pools(request: pytest.FixtureRequest) -> ShrinkPools:
+    """Make pools small for this test: ``.threads(n)``, ``.sqlalchemy(engine, ...)``,
+    ``.httpx(client, ...)``, ``await .asyncpg(pool, ...)``. Restored after the test."""
+    return _run_of(request).shrink
 
 
 @pytest.fixture

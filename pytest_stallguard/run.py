@@ -22,8 +22,11 @@ import anyio.lowlevel
 from . import context, traps
 from .config import Settings
 from .guard import Guard
+from .leaks import LeakCheck
 from .loopwatch import LoopWatch
-from .model import DOCS, Finding
+from .model import DOCS, Finding, PoolStats
+from .pools import PoolWatch, ShrinkPools
+from .upstream import SlowUpstreams
 
 
 class Detector(Protocol):
@@ -44,8 +47,27 @@ class GuardRun:
         )
         self.detectors: list[Any] = []
         self._stack = contextlib.ExitStack()
-        self.after_test: list[Callable[[], Any]] = []  # async leak checks, run in the loop
         self.client: Any = None  # the StallClient, when the test used stall_client
+        self.pool_watch = PoolWatch(self.guard, threshold_ms=settings.pool_wait_ms)
+        self.leaks = LeakCheck(self.pool_watch, self.guard)
+        self._shrink: ShrinkPools | None = None
+        self._upstreams: SlowUpstreams | None = None
+
+    @property
+    def shrink(self) -> ShrinkPools:
+        """The pool shrinker of this test (the ``shrink_pools`` fixture), made on first use."""
+        if self._shrink is None:
+            self._shrink = ShrinkPools()
+            self._stack.callback(self._shrink.close)
+        return self._shrink
+
+    @property
+    def upstreams(self) -> SlowUpstreams:
+        """The slow upstream fakes of this test (the ``slow_upstream`` fixture)."""
+        if self._upstreams is None:
+            self._upstreams = SlowUpstreams()
+            self._stack.callback(self._upstreams.close)
+        return self._upstreams
 
     def start(self) -> GuardRun:
         stack = self._stack
@@ -57,6 +79,11 @@ class GuardRun:
             detector.start()
             stack.callback(detector.stop)
             self.detectors.append(detector)
+        self.pool_watch.start()
+        stack.callback(self.pool_watch.stop)
+        stack.callback(self.leaks.close)
+        if self.settings.pools:
+            self.shrink.apply(dict(self.settings.pools))
         return self
 
     def stop(self) -> None:
@@ -70,20 +97,24 @@ class GuardRun:
         """
         for hook in context.on_enter:
             hook()
+        if self.settings.leak_check:
+            self.leaks.start()
         await anyio.lowlevel.checkpoint()
 
     async def leave_loop(self) -> None:
-        """After the test body: end its loop step (so it is judged), run the leak checks."""
+        """After the test body: end its loop step (so it is judged), check for leaks,
+        put shrunken pools back (disposing temporary async pools in their loop)."""
         await anyio.lowlevel.checkpoint()
-        for check in self.after_test:
-            await check()
+        try:
+            if self.settings.leak_check:
+                await self.leaks.check()
+        finally:
+            if self._shrink is not None:
+                await self._shrink.aclose()
 
-    def pool_stats(self) -> list[Any]:
-        """PoolStats of every detector that watches pools."""
-        stats: list[Any] = []
-        for detector in self.detectors:
-            stats.extend(getattr(detector, "stats", list)())
-        return stats
+    def pool_stats(self) -> list[PoolStats]:
+        """What every watched pool saw during the test."""
+        return self.pool_watch.stats()
 
     def __enter__(self) -> GuardRun:
         return self.start()
