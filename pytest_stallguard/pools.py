@@ -450,10 +450,12 @@ class PoolWatch:
             key, name = limiter, f"anyio limiter {type(limiter).__name__}"
         stats = self._stat(key, name, "threadpool")
         stats.size = int(limiter.total_tokens)
-        # A wait only counts as saturation when every token was taken at call time; with a
-        # token free, a late start is the GIL or a busy loop, not the pool (measured: up to
-        # ~50 ms under a 40-wide burst of trivial `def` requests with 1 thread in use).
-        queued = limiter.borrowed_tokens >= limiter.total_tokens
+        # A wait only counts as saturation when the pool was full: every token taken at
+        # call time, or every other token still busy when this call got one (calls issued
+        # together all see free tokens before any is borrowed). With tokens free, a late
+        # start is the GIL or a busy loop, not the pool (measured: up to ~50 ms under a
+        # 40-wide burst of trivial `def` requests with 1 thread in use).
+        full = [limiter.borrowed_tokens >= limiter.total_tokens]
         location = (
             _unwrap_user_function(func)
             or _endpoint_location(caller)
@@ -473,6 +475,8 @@ class PoolWatch:
             call.thread = threading.get_ident()
             with watch._lock:
                 watch._running.add(id(call))
+                if stats.in_use >= stats.size - 1:
+                    full[0] = True
                 stats.enter()
             try:
                 return func(*a)
@@ -494,7 +498,7 @@ class PoolWatch:
             wait_ms = (granted - call.called) * 1000.0
             with self._lock:
                 stats.waits_ms.append(wait_ms)
-            if queued and wait_ms > self.threshold_ms:
+            if full[0] and wait_ms > self.threshold_ms:
                 self._record(
                     "threadpool-saturation",
                     f"{call.request} waited {wait_ms:.0f} ms for a worker thread to run "

@@ -14,7 +14,7 @@ from .conftest import load_json
 def test_header_shows_effective_settings(shop: pytest.Pytester) -> None:
     shop.makepyfile("def test_nothing(): pass")
     result = shop.runpytest("-p", "no:asyncio", "--stall-threshold-ms=15", "--stall-traps=raise")
-    result.stdout.fnmatch_lines(["stallguard: threshold=15ms traps=raise *"])
+    result.stdout.fnmatch_lines(["stallguard: threshold=15ms pool_wait=100ms traps=raise *"])
     result.assert_outcomes(passed=1)
 
 
