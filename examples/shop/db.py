@@ -18,6 +18,7 @@ async def open_database(url: str) -> AsyncEngine:
     # Ten connections, no overflow: the database's real limit, shared by every worker.
     engine = create_async_engine(url, pool_size=10, max_overflow=0, pool_timeout=5)
     async with engine.begin() as conn:
+        await conn.run_sync(metadata.drop_all)
         await conn.run_sync(metadata.create_all)
         await conn.execute(orders.insert(), [{"item": f"teapot {i}"} for i in range(20)])
     return engine

