@@ -442,6 +442,11 @@ class PoolWatch:
                         info: context.RequestInfo, func: Callable[..., Any],
                         args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         limiter = kwargs.get("limiter")
+        # Only the shared default limiter saturates by accident (every `def` endpoint and
+        # sync dependency draws on it). A limiter the app made for itself is deliberate
+        # back-pressure (CPU work, one thread at a time): its waits are reported in the
+        # pools section, not as a finding.
+        shared = limiter is None
         if limiter is None:
             limiter = anyio.to_thread.current_default_thread_limiter()
             key: Any = limiter
@@ -498,7 +503,7 @@ class PoolWatch:
             wait_ms = (granted - call.called) * 1000.0
             with self._lock:
                 stats.waits_ms.append(wait_ms)
-            if full[0] and wait_ms > self.threshold_ms:
+            if shared and full[0] and wait_ms > self.threshold_ms:
                 self._record(
                     "threadpool-saturation",
                     f"{call.request} waited {wait_ms:.0f} ms for a worker thread to run "
