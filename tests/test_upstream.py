@@ -12,25 +12,16 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from pytest_stallguard import context, location
+from pytest_stallguard import context
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.upstream import SlowUpstreams, serve, slow_upstreams
 
 # Everything here works on both backends (the fakes sleep with anyio, the server has its
 # own thread and loop).
+from .conftest import asgi_client
+
 pytestmark = pytest.mark.anyio
 
-
-@pytest.fixture(autouse=True)
-def _rooted(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Findings name files relative to the rootdir; other tests (pytester runs of the
-    plugin) may have pointed the module-wide root elsewhere."""
-    previous = location._root
-    location.set_root(str(request.config.rootpath))
-    try:
-        yield
-    finally:
-        location._root = previous
 
 
 @pytest.fixture(params=["asyncio", "trio"], ids=["asyncio", "trio"])
@@ -55,10 +46,6 @@ def line_of(func: Callable[..., Any], text: str) -> int:
             return start + offset
     raise AssertionError(f"{text!r} not in {func.__name__}")
 
-
-def asgi_client(app: Any) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=context.attributed(app), raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 @pytest.fixture
