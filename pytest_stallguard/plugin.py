@@ -37,6 +37,7 @@ STARTUP_DESC = "Seconds the app's lifespan startup may take (default 30)."
 SHUTDOWN_DESC = "Seconds the app's lifespan shutdown may take (default 30)."
 
 OUR_FIXTURES = frozenset({"stall_client", "stall_guard", "slow_upstream", "shrink_pools"})
+ASYNC_FIXTURES = ("stall_client",)
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 ALL_KEY = pytest.StashKey[bool]()
@@ -193,8 +194,27 @@ def _settings_for(item: pytest.Item) -> Settings:
     return settings
 
 
+def _lend_fixtures_to_asyncio(item: pytest.Item, lend: bool) -> None:
+    """Let pytest-asyncio run our async fixtures for a test it runs itself.
+
+    In strict mode pytest-asyncio only runs fixtures it was told about; a test marked
+    ``@pytest.mark.asyncio`` that asks for ``stall_client`` needs the fixture on the same
+    loop as the test. The flag is set for this test only (anyio runs the others).
+    """
+    if item.get_closest_marker("asyncio") is None:
+        return
+    info = getattr(item, "_fixtureinfo", None)
+    for name in ASYNC_FIXTURES:
+        for fixturedef in info.name2fixturedefs.get(name, ()) if info else ():
+            if lend:
+                fixturedef.func._force_asyncio_fixture = True
+            else:
+                fixturedef.func.__dict__.pop("_force_asyncio_fixture", None)
+
+
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    _lend_fixtures_to_asyncio(item, True)
     if _is_ours(item) or item.config.stash[ALL_KEY]:
         try:
             settings = _settings_for(item)
@@ -272,6 +292,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     try:
         return (yield)
     finally:
+        _lend_fixtures_to_asyncio(item, False)
         run = item.stash.get(RUN_KEY, None)
         if run is not None:
             run.stop()

@@ -322,12 +322,21 @@ def test_beside_pytest_asyncio(shop: pytest.Pytester, mode: str) -> None:
         @pytest.mark.asyncio
         async def test_theirs():
             pass
+
+        @pytest.mark.asyncio
+        async def test_theirs_with_ours(stall_client):
+            r = await stall_client.burst("GET", "/health", n=5)
+            assert r.statuses[200] == 5
+
+        async def test_after_theirs(stall_client):   # back on anyio in strict mode
+            assert (await stall_client.get("/health")).status_code == 200
         """
     )
     result = shop.runpytest(
-        "-p", "asyncio", f"--asyncio-mode={mode}", "-o", "asyncio_default_fixture_loop_scope=function"
+        "-p", "asyncio", f"--asyncio-mode={mode}", "-o", "asyncio_default_fixture_loop_scope=function",
+        "-W", "error::pytest.PytestDeprecationWarning",
     )
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=4)
 
 
 def test_slowdown_message_names_what_matters() -> None:
