@@ -19,14 +19,18 @@ step's Context (the request the loop thread runs for *right now*, or paused) and
 ``sys._current_frames()`` of the loop thread, keeping the deepest user frame seen while
 running for a request (the walk stops at :func:`context.attributed`'s frame, so the test
 code that called the app is never named). A C call holding the GIL cannot be sampled while
-it runs; it is seen right after it returns.
+it runs; it is seen right after it returns: the watchdog samples first on every wake,
+before anything that releases the GIL (reading ``/proc``), so it gets in before the loop
+thread can finish the step.
 
 Why sample the Context: a whole in-process request can run in ONE step that starts and
 ends in the test's code (httpx's ASGITransport calls the app inside the test's task), so
 the context at the end of the step does not know the request. A long step that was
 sampled is blamed only if a sample saw it running for a request; one that was not sampled
 (a C call holding the GIL to the end of the step) is attributed by its context at the end
-of the step, located where its task is suspended after it (said so in the message).
+of the step, located where its task is suspended after it if that is inside the request
+(said so in the message); a frame outside the request is never named: the location is then
+None and the message says it could not be sampled.
 
 Steps are timed from the first step that starts after :meth:`LoopWatch.attach`: the step
 that calls ``attach()`` is already running and is not timed.
@@ -37,8 +41,16 @@ What is not blamed on the app:
   instead of being recorded.
 * Preemption: time the loop thread spent runnable but not running (other processes had
   the CPU: CPU burners, a busy CI machine), from ``/proc/self/task/<tid>/schedstat`` on
-  Linux (read by the watchdog at every wake and at the end of a long step), is subtracted;
-  steps only over the threshold because of it are counted in :attr:`LoopWatch.preempted`.
+  Linux, is subtracted; steps only over the threshold because of it are counted in
+  :attr:`LoopWatch.preempted`. The watchdog reads it at every wake (after sampling, and
+  not while a long step is being sampled) and keeps a few timestamped readings (at most
+  one per running step); the end of a long step reads it again and subtracts the wait
+  since the last reading taken *before the step started* (a reading from partway through
+  the step would leave the wait before it counted as the app's). Wait that may have
+  fallen in the gap between that reading and the step start (at most one poll interval,
+  threshold/4) is counted half: the estimate of the app's time is off by at most
+  threshold/8 either way, and only when the loop was preempted. Nothing reads ``/proc``
+  on the per-step path.
 * Trapped blocking calls: time inside a call :mod:`traps` recorded is subtracted too (the
   blocking-call finding already names it).
 * Steps not running for a request (the test's own code, pytest-asyncio internals) or
@@ -94,7 +106,9 @@ class _Samples:
     def __init__(self) -> None:
         self.inside: Location | None = None  # deepest user frame inside a request call
         self.depth = -1
-        self.request: str | None = None  # of the request call on the stack, when sampled
+        # the request when the deepest location was seen (else the latest seen): the
+        # response may be sent (label "background") before the step ends
+        self.request: str | None = None
         self.guard: guard.Guard | None = None  # active when sampled
         self.inside_n = 0
         self.outside_n = 0
@@ -112,7 +126,7 @@ class _LoopState:
         "loop",
         "native_id",
         "rq_fd",
-        "rq_val",
+        "rq_hist",
         "sample_seq",
         "samples",
         "seq",
@@ -130,7 +144,9 @@ class _LoopState:
         self.thread = threading.get_ident()
         self.native_id = threading.get_native_id()
         self.rq_fd = -2  # /proc schedstat of the loop thread: -2 not opened yet, -1 none
-        self.rq_val = 0  # its run-queue wait (ns), read by the watchdog at every wake
+        # (perf_counter after the read, run-queue wait in ns, start of the step it was read
+        # wholly inside or 0.0), appended by the watchdog at every wake
+        self.rq_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
         self.active = True
         self.start = 0.0  # perf_counter at the start of the running step, 0.0 when idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context
@@ -239,11 +255,69 @@ class _TrioInstrument:
 
 def _run_queue_ns(fd: int) -> int:
     """Time the thread spent runnable but not running (preempted by other processes), from
-    ``/proc/self/task/<tid>/schedstat`` (Linux); 0 when unreadable."""
+    ``/proc/self/task/<tid>/schedstat`` (Linux); -1 when unreadable."""
     try:
         return int(os.pread(fd, 128, 0).split()[1])
     except (OSError, ValueError, IndexError):
-        return 0
+        return -1
+
+
+def _read_run_queue(st: _LoopState) -> None:
+    """Watchdog: append a timestamped run-queue reading of the loop thread to its history.
+
+    A reading taken wholly inside a step that is still running replaces the previous one
+    taken inside that same step, so a long step never pushes the reading from before its
+    start out of the history."""
+    start = st.start
+    before = perf_counter()
+    rq = _run_queue_ns(st.rq_fd)  # releases the GIL
+    after = perf_counter()
+    if rq < 0:
+        return
+    inside = start if start and start == st.start and start < before else 0.0
+    with st.lock:
+        hist = st.rq_hist
+        if inside and hist and hist[-1][2] == inside:
+            hist[-1] = (after, rq, inside)
+        else:
+            hist.append((after, rq, inside))
+
+
+def _preempted_s(st: _LoopState, start: float, duration: float) -> float:
+    """Loop thread, at the end of a long step: the run-queue wait of the step that started
+    at ``start``, from the last reading taken before the start; the part of it that could
+    have fallen outside the step (between that reading and the start) is counted half. The
+    reading taken here is kept as the baseline of the steps after this one.
+
+    Without a reading from before the start (a step that started before the watchdog's
+    first reading after attach()), the time from the start to the oldest reading is taken
+    as waiting at the rate measured after it, if that was measured over at least as long;
+    else only the wait measured after it counts. 0.0 without schedstat."""
+    if st.rq_fd < 0:
+        return 0.0
+    now_rq = _run_queue_ns(st.rq_fd)
+    now = perf_counter()
+    if now_rq < 0:
+        return 0.0
+    with st.lock:
+        hist = list(st.rq_hist)
+        st.rq_hist.append((now, now_rq, 0.0))
+    if not hist:
+        return 0.0
+    for t, rq, _ in reversed(hist):
+        if t <= start:
+            # The wait since the reading may have fallen before the step (the loop thread
+            # woken from select waits for a CPU too under load) or after it: of what could
+            # have, half is counted (exact bounds: all of it or none).
+            wait = max((now_rq - rq) / 1e9, 0.0)
+            outside = max((start - t) + (now - start - duration), 0.0)
+            return min(wait - min(wait, outside) / 2.0, duration)
+    base_t, base_rq, _ = hist[0]
+    known = max((now_rq - base_rq) / 1e9, 0.0)
+    unknown = base_t - start
+    if now - base_t >= unknown:
+        known += unknown * min(known / (now - base_t), 1.0)
+    return min(known, duration)
 
 
 # -- GC log --------------------------------------------------------------------------------
@@ -327,8 +401,9 @@ def _coro_frames(coro: Any) -> list[FrameType]:
 
 def _suspended(owner: Any) -> tuple[Location | None, bool]:
     """Where the step's task is suspended now (after the step): the innermost user frame
-    inside the request, and whether the task is suspended inside an attributed request
-    call (a task that runs requests inline, like the test's task with ASGITransport)."""
+    inside the request (None if the task is not suspended inside one), and whether the
+    task is suspended inside an attributed request call (a task that runs requests inline,
+    like the test's task with ASGITransport)."""
     coro = None
     task = getattr(owner, "__self__", owner)
     if isinstance(task, asyncio.Task):
@@ -344,7 +419,9 @@ def _suspended(owner: Any) -> tuple[Location | None, bool]:
             return loc, True
         if loc is None and is_user_file(code.co_filename):
             loc = relative(code.co_filename), frame.f_lineno, code.co_name
-    return loc, False
+    # Not suspended inside a request call (or the chain could not be followed to it): any
+    # user frame seen is the caller's (the test's), never the request's.
+    return None, False
 
 
 _trio_context: Any = None
@@ -528,10 +605,8 @@ class LoopWatch:
             end,
         )
         # Preempted by other processes (CPU burners, a busy CI box): not the app's doing.
-        # Read against the watchdog's last reading, at most one poll interval old.
-        preempted_s = 0.0
-        if st.rq_fd >= 0:
-            preempted_s = max(0, _run_queue_ns(st.rq_fd) - st.rq_val) / 1e9
+        # Against the last reading taken before the step started.
+        preempted_s = _preempted_s(st, start, duration)
         if duration - gc_s - blocked_s - preempted_s <= self._threshold_s:
             if gc_s > 0 and duration - blocked_s - preempted_s > self._threshold_s:
                 self.gc_pauses += 1
@@ -554,6 +629,8 @@ class LoopWatch:
             loc, request = samples.inside, samples.request
             if loc is None:
                 loc, _ = _suspended(owner)
+            if loc is None:
+                note = " (no line of the project's code was on the stack when it was sampled)"
         elif samples is not None:
             return  # sampled, never running for a request: the test's own code, paused...
         else:
@@ -566,16 +643,20 @@ class LoopWatch:
             if loc is not None:
                 note = " (where the request was suspended after the step: the stack could "
                 note += "not be sampled while it ran)"
+            else:
+                note = " (the location could not be sampled: a C call held the GIL to the "
+                note += "end of the step)"
             request = info.request
         if request is None:
             return
         file, line, function = loc if loc is not None else (None, None, None)
-        where = "<unknown location>" if file is None else f"{file}:{line}"
-        if function:
-            where += f" ({function})"
+        if file is None:
+            where = "" if note else " at <unknown location>"
+        else:
+            where = f" at {file}:{line}" + (f" ({function})" if function else "")
         message = (
             f"The event loop was blocked for {duration * 1000.0:.1f} ms during "
-            f"{request} at {where}{note} ({ADVICE}). See {DOCS}loop-stall"
+            f"{request}{where}{note} ({ADVICE}). See {DOCS}loop-stall"
         )
         self.stalls += 1
         g.record(
@@ -599,26 +680,58 @@ class LoopWatch:
             real_sleep(interval)
             now = perf_counter()
             states = list(self._mine.values())
-            idle_since = asked + interval
-            for st in states:
-                if st.rq_fd == -2:
-                    st.rq_fd = _open_schedstat(st.native_id)
-                if st.rq_fd >= 0:
-                    st.rq_val = _run_queue_ns(st.rq_fd)
-                start = st.start
-                if start:
-                    idle_since = now
-                    if st.active and now - start > self._sample_after_s:
-                        self._sample(st, start, st.seq)
-                idle_since = max(idle_since, st.end)
+            # Sample first, with the GIL just taken: anything that releases it (reading
+            # /proc) lets the loop thread finish the step, and the request, unsampled.
+            # Woke late: the GIL was held (a C call on the loop, or a pure-Python step past
+            # the switch interval): sample at once, the step may be about to end.
+            sampled: set[int] = set()
+            late = now - asked - interval > self._sample_after_s
+            idle_since = self._sample_due(states, now, late, sampled, asked + interval)
             starved = now - idle_since
             if self.gil and states and starved > 2 * self._threshold_s:
                 # Neither the loop nor this thread ran for that long, and the process
                 # burned CPU the whole time (so it was not descheduled by other processes):
-                # another thread held the GIL.
+                # another thread held the GIL. Checked before reading /proc too: the thread
+                # that held the GIL would run on meanwhile.
                 cpu = time.process_time() - cpu0
                 if cpu >= 0.8 * (now - asked):
                     self._gil_check(starved)
+            released = perf_counter()
+            for st in states:
+                if st.rq_fd == -2:
+                    st.rq_fd = _open_schedstat(st.native_id)  # releases the GIL
+                elif st.rq_fd >= 0 and st.active and id(st) not in sampled:
+                    # Not while sampling a long step: taking the GIL back from a busy loop
+                    # thread costs a switch interval (5 ms) before the next sample, and a
+                    # reading from inside the step is no baseline for it anyway.
+                    _read_run_queue(st)  # releases the GIL
+                else:
+                    continue
+                # The GIL was released: a step (a C call) may have run meanwhile and we just
+                # got the GIL back at its end: sample again before it can end.
+                back = perf_counter()
+                self._sample_due(states, back, back - released > self._sample_after_s, sampled)
+                released = perf_counter()
+
+    def _sample_due(
+        self,
+        states: list[_LoopState],
+        now: float,
+        late: bool,
+        sampled: set[int],
+        idle_since: float = 0.0,
+    ) -> float:
+        """Sample every running step past half the threshold (any running step if
+        ``late``); return when the loops were last seen running (for the GIL check)."""
+        for st in states:
+            start = st.start
+            if start:
+                idle_since = now
+                if st.active and (late or now - start > self._sample_after_s):
+                    self._sample(st, start, st.seq)
+                    sampled.add(id(st))
+            idle_since = max(idle_since, st.end)
+        return idle_since
 
     def _sample(self, st: _LoopState, start: float, seq: int) -> None:
         ctx = st.ctx
@@ -640,9 +753,11 @@ class LoopWatch:
                 st.sample_seq = seq
             if info is not None:
                 samples.inside_n += 1
-                samples.request = info.request  # now: the request may finish in this step
                 if loc is not None and depth > samples.depth:
                     samples.inside, samples.depth = loc, depth
+                    samples.request = info.request
+                elif samples.inside is None:
+                    samples.request = info.request  # no location yet: the latest label
             else:
                 samples.outside_n += 1
 

@@ -105,6 +105,10 @@ def make_app() -> FastAPI:
         await anyio.sleep(0.001)
         return {}
 
+    @app.get("/cjson")
+    async def cjson() -> dict[str, Any]:
+        return {"size": len(json.dumps(app.state.rows))}  # at: cjson
+
     @app.get("/report")
     async def report() -> dict[str, Any]:
         rows = app.state.rows
@@ -178,6 +182,27 @@ async def test_long_step_in_a_request_is_a_loop_stall(
         finding.message
     )
     assert finding.message.endswith("#loop-stall")
+
+
+@pytest.mark.anyio
+async def test_c_call_holding_the_gil_in_a_request(anyio_backend: Any) -> None:
+    """A C call that never gives the GIL up is sampled as soon as it returns, before the
+    request ends in the same step (the watchdog samples before reading /proc, which
+    releases the GIL and used to let the loop thread finish the request first)."""
+    app = make_app()
+    rows = [{"id": i, "name": f"row {i}", "tags": ["a", "b"]} for i in range(2_000)]
+    one_ms = min(_timed(json.dumps, rows) for _ in range(3))
+    app.state.rows = rows * max(1, int(60 / max(one_ms, 0.1)))  # about 60 ms in one C call
+    async with watched(app, threshold_ms=20) as (client, guard, watch):
+        for _ in range(3):
+            assert (await client.get("/cjson")).status_code == 200
+            await anyio.sleep(0)  # one step per request (ASGITransport does not yield)
+    found = stalls(guard.findings)
+    counts = (watch.stalls, watch.preempted, watch.gc_pauses, [f.message for f in found])
+    assert sum(f.count for f in found) == 3 == watch.stalls, counts
+    assert {(f.file, f.line, f.function, f.request) for f in found} == {
+        (THIS_FILE, line_of("cjson"), "cjson", "GET /cjson")
+    }
 
 
 @pytest.mark.anyio
@@ -373,3 +398,157 @@ def test_start_stop_are_idempotent_and_bounded() -> None:
 def test_threshold_must_be_positive() -> None:
     with pytest.raises(ValueError, match="threshold_ms"):
         LoopWatch(0)
+
+
+# -- judging a long step (direct) --------------------------------------------------------------
+
+
+def _state(watch: LoopWatch) -> loopwatch._LoopState:
+    st = loopwatch._LoopState(watch, "asyncio", None)
+    st.rq_fd = -1  # no schedstat unless a test fakes one
+    return st
+
+
+def _request_context(label: str) -> Any:
+    import contextvars
+
+    ctx = contextvars.copy_context()
+    ctx.run(context.enter, label)
+    return ctx
+
+
+async def _parked(event: asyncio.Event) -> None:
+    await event.wait()  # at: parked-outside
+
+
+async def _endpoint(scope: Any, receive: Any, send: Any) -> None:
+    await scope["event"].wait()  # at: parked-inside
+
+
+def test_suspended_names_only_frames_inside_the_request() -> None:
+    async def main() -> tuple[Any, Any]:
+        event = asyncio.Event()
+        outside = asyncio.create_task(_parked(event))
+        app = context.attributed(_endpoint)
+        scope = {"type": "http", "method": "GET", "path": "/x", "event": event}
+        inside = asyncio.create_task(app(scope, None, None))
+        await asyncio.sleep(0)
+        try:
+            return loopwatch._suspended(outside), loopwatch._suspended(inside)
+        finally:
+            event.set()
+            await asyncio.gather(outside, inside)
+
+    outside, inside = asyncio.run(main())
+    assert outside == (None, False)  # the caller's frame is never the request's
+    assert inside == ((THIS_FILE, line_of("parked-inside"), "_endpoint"), True)
+
+
+def test_unsampled_step_outside_the_request_has_no_location() -> None:
+    """A long step nobody sampled (a C call held the GIL to its end) whose context still
+    has the request, its task suspended outside the request: request label, location None,
+    and the message says the location could not be sampled."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    ctx = _request_context("GET /held")
+
+    async def main() -> None:
+        event = asyncio.Event()
+        task = asyncio.create_task(_parked(event))
+        await asyncio.sleep(0)
+        with Guard(threshold_ms=20) as guard:
+            watch._judge(st, 1.0, 1.05, ctx, task)
+        event.set()
+        await task
+        (finding,) = guard.findings
+        assert finding.kind == "loop-stall"
+        assert finding.request == "GET /held"
+        assert (finding.file, finding.line, finding.function) == (None, None, None)
+        assert "during GET /held (the location could not be sampled: a C call held the GIL" in (
+            finding.message
+        )
+        assert THIS_FILE not in finding.message
+
+    asyncio.run(main())
+
+
+def test_sample_keeps_the_request_of_its_location() -> None:
+    """The response can be sent (label "background") later in the same step: the finding
+    keeps the label the request had where the deepest line was seen."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    info = context.RequestInfo("GET /spin", 0)
+    ctx = _request_context("unused")
+    ctx.run(context._current.set, info)
+    st.ctx = ctx
+    st.seq = 7
+    st.start = time.perf_counter()
+
+    def deeper() -> None:
+        watch._sample(st, st.start, st.seq)
+
+    with Guard(threshold_ms=20):
+        deeper()  # in the endpoint's work
+        info.done = True
+        watch._sample(st, st.start, st.seq)  # after the response was sent
+    samples = st.samples
+    assert samples is not None and samples.inside_n == 2
+    assert samples.inside is not None and samples.inside[2] == "deeper"
+    assert samples.request == "GET /spin"
+
+
+def test_preemption_is_measured_from_before_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run-queue wait is taken since the last reading from BEFORE the step started, not
+    since the watchdog's latest one (taken partway through the step)."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    st.rq_fd = 1_000_000  # faked: _run_queue_ns is patched
+    monkeypatch.setattr(loopwatch, "_run_queue_ns", lambda fd: 30_000_000)
+    start = 100.001
+    st.rq_hist.append((100.0, 0, 0.0))  # before the step
+    st.rq_hist.append((100.010, 29_700_000, start))  # partway through it
+    monkeypatch.setattr(loopwatch, "perf_counter", lambda: start + 0.032)
+    # 30 ms of wait since the reading, 1 ms of which could have been before the step:
+    # counted half.
+    assert loopwatch._preempted_s(st, start, 0.032) == pytest.approx(0.0295)
+    assert st.rq_hist[-1][1:] == (30_000_000, 0.0)  # the end reading: the next baseline
+    assert loopwatch._preempted_s(st, start, 0.020) == pytest.approx(0.020)  # capped
+    with Guard(threshold_ms=20) as guard:
+        watch._judge(st, start, start + 0.032, _request_context("GET /clean"), None)
+    assert guard.findings == []
+    assert watch.preempted == 1
+
+    # No reading before the step (it started before the watchdog's first reading): the
+    # unread part waits at the rate measured after it.
+    st.rq_hist.clear()
+    st.rq_hist.append((100.011, 20_000_000, start))
+    monkeypatch.setattr(loopwatch, "perf_counter", lambda: 100.021)
+    assert loopwatch._preempted_s(st, start, 0.032) == pytest.approx(0.010 + 1.0 * 0.010)
+    # ... only if that rate was measured over at least as long (a reading just before the
+    # end says nothing about the rate).
+    st.rq_hist.clear()
+    st.rq_hist.append((100.020, 29_000_000, start))
+    assert loopwatch._preempted_s(st, start, 0.032) == pytest.approx(0.001)
+    st.rq_hist.clear()
+    st.rq_hist.append((100.011, 20_000_000, start))
+    monkeypatch.setattr(loopwatch, "_run_queue_ns", lambda fd: 20_000_000)
+    assert loopwatch._preempted_s(st, start, 0.032) == 0.0  # quiet: nothing subtracted
+
+
+def test_run_queue_history_keeps_the_reading_before_a_long_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    watch = LoopWatch(20)
+    st = _state(watch)
+    st.rq_fd = 1_000_000
+    readings = iter(range(1, 100))
+    monkeypatch.setattr(loopwatch, "_run_queue_ns", lambda fd: next(readings))
+    loopwatch._read_run_queue(st)  # idle
+    st.start = time.perf_counter()  # a step starts and runs long
+    for _ in range(40):
+        loopwatch._read_run_queue(st)
+    assert [(rq, inside) for _, rq, inside in st.rq_hist] == [(1, 0.0), (41, st.start)]
+    st.start = 0.0
+    loopwatch._read_run_queue(st)
+    assert [rq for _, rq, _ in st.rq_hist] == [1, 41, 42]
+    assert len(st.rq_hist) == 3
