@@ -165,6 +165,29 @@ class _Counters:
                 self.cancelled += 1
 
 
+class _Recorded:
+    """What a test reads from a fake or a served upstream; both keep a ``_Counters``."""
+
+    _counters: _Counters
+
+    @property
+    def calls(self) -> list[Call]:
+        return list(self._counters.calls)
+
+    @property
+    def max_in_flight(self) -> int:
+        return self._counters.max_in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return self._counters.in_flight
+
+    @property
+    def cancelled(self) -> int:
+        """Calls given up before the answer (cancelled by the caller, or the client left)."""
+        return self._counters.cancelled
+
+
 # -- pool slots ---------------------------------------------------------------------------
 
 
@@ -222,7 +245,7 @@ def _pool_limit(pool: object | None) -> int | None:
 # -- the fakes ----------------------------------------------------------------------------
 
 
-class Upstream:
+class Upstream(_Recorded):
     """One fake upstream service at ``base_url``; see :meth:`SlowUpstreams.__call__`."""
 
     def __init__(
@@ -249,26 +272,10 @@ class Upstream:
         self._connect_delay = connect_delay
         self._counters = _Counters()
 
-    # -- what the test reads -----------------------------------------------------------
-    @property
-    def calls(self) -> list[Call]:
-        return list(self._counters.calls)
-
-    @property
-    def max_in_flight(self) -> int:
-        return self._counters.max_in_flight
-
-    @property
-    def in_flight(self) -> int:
-        return self._counters.in_flight
-
+    # -- what the test reads (calls, in flight, cancelled: see _Recorded) ---------------
     @property
     def timed_out(self) -> int:
         return self._counters.timed_out
-
-    @property
-    def cancelled(self) -> int:
-        return self._counters.cancelled
 
     @property
     def untimed(self) -> int:
@@ -610,7 +617,7 @@ def _is_async_call() -> bool:
 # -- real servers -------------------------------------------------------------------------
 
 
-class Server:
+class Server(_Recorded):
     """A real HTTP/1.1 server on 127.0.0.1 with keep-alive, in its own thread and loop."""
 
     def __init__(self, knobs: _Knobs) -> None:
@@ -630,23 +637,6 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def calls(self) -> list[Call]:
-        return list(self._counters.calls)
-
-    @property
-    def max_in_flight(self) -> int:
-        return self._counters.max_in_flight
-
-    @property
-    def in_flight(self) -> int:
-        return self._counters.in_flight
-
-    @property
-    def cancelled(self) -> int:
-        """Calls whose client went away before the response was sent."""
-        return self._counters.cancelled
 
     @property
     def connections(self) -> int:
