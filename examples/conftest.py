@@ -15,9 +15,8 @@ from shop.config import ShopConfig
 
 from pytest_stallguard import StallFindings
 
-BROKEN = pytest.mark.xfail(
-    raises=StallFindings, strict=True, reason="the broken shop must be caught by stallguard"
-)
+BROKEN_REASON = "the broken shop must be caught"
+BROKEN = pytest.mark.xfail(raises=StallFindings, strict=True, reason=BROKEN_REASON)
 
 
 PAYMENTS = "https://payments.example"
@@ -44,9 +43,24 @@ def stall_app(request: pytest.FixtureRequest, shop_config: ShopConfig):  # type:
     return module.create_app(shop_config)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "broken_fails_with(raises=exc): the broken shop fails this test with exc, not StallFindings "
+        "(a functional check of error handling that the guard is told to stay out of)",
+    )
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         broken = callspec is not None and callspec.params.get("stall_app") == "broken"
-        if broken:
+        if not broken:
+            continue
+        expected = item.get_closest_marker("broken_fails_with")
+        if expected is None:
             item.add_marker(BROKEN)
+        else:
+            item.add_marker(
+                pytest.mark.xfail(raises=expected.kwargs["raises"], strict=True, reason=BROKEN_REASON)
+            )

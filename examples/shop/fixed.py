@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import sqlalchemy.exc
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -100,11 +101,16 @@ def create_app(config: ShopConfig | None = None) -> FastAPI:
         return JSONResponse({"order": order.item, "payment": reply.json()})
 
     @app.get("/dashboard")
-    async def dashboard(request: Request) -> dict[str, object]:
+    async def dashboard(request: Request) -> JSONResponse:
         # FIX: query, give the connection back, and only then wait for the other service.
-        async with app.state.db.connect() as conn:
-            count = (await conn.execute(select(func.count()).select_from(orders))).scalar_one()
+        try:
+            async with app.state.db.connect() as conn:
+                query = select(func.count()).select_from(orders)
+                count = (await conn.execute(query)).scalar_one()
+        except sqlalchemy.exc.TimeoutError:
+            # FIX: every connection busy for longer than the pool timeout: a clean 503.
+            return JSONResponse({"error": "database busy, try again"}, status_code=503)
         stats = (await request.app.state.http.get(f"{config.stats_url}/stats")).json()
-        return {"orders": count, "stats": stats}
+        return JSONResponse({"orders": count, "stats": stats})
 
     return app
