@@ -38,7 +38,7 @@ def shop_config(slow_upstream, tmp_path) -> ShopConfig:  # type: ignore[no-untyp
 
 
 @pytest.fixture(params=["fixed", "broken"])
-def stall_app(request: pytest.FixtureRequest, shop_config: ShopConfig):  # type: ignore[no-untyped-def]
+def stall_app(request: pytest.FixtureRequest, shop_config: ShopConfig) -> object:
     module = importlib.import_module(f"shop.{request.param}")
     return module.create_app(shop_config)
 
@@ -46,8 +46,8 @@ def stall_app(request: pytest.FixtureRequest, shop_config: ShopConfig):  # type:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "broken_fails_with(raises=exc): the broken shop fails this test with exc, not StallFindings "
-        "(a functional check of error handling that the guard is told to stay out of)",
+        "broken_fails_with(raises=exc): the broken shop fails this test with exc, not "
+        "StallFindings (a functional check of error handling the guard stays out of)",
     )
 
 
@@ -61,6 +61,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if expected is None:
             item.add_marker(BROKEN)
         else:
-            item.add_marker(
-                pytest.mark.xfail(raises=expected.kwargs["raises"], strict=True, reason=BROKEN_REASON)
-            )
+            raises = expected.kwargs["raises"]
+            item.add_marker(pytest.mark.xfail(raises=raises, strict=True, reason=BROKEN_REASON))

@@ -17,7 +17,9 @@ async def test_dashboard_shows_orders_and_visits(stall_client):
 
 
 @pytest.mark.broken_fails_with(raises=AssertionError)
-async def test_exhausted_pool_ends_in_a_clean_503(stall_client, stall_app, shrink_pools, stall_guard):
+async def test_exhausted_pool_ends_in_a_clean_503(
+    stall_client, stall_app, shrink_pools, stall_guard
+):
     # Force it: one connection, a 50 ms pool timeout, and the test holds that connection.
     shrink_pools.sqlalchemy(stall_app.state.db, size=1, overflow=0, timeout=0.05)
     with stall_guard.paused():  # exhaustion is the point here, not a finding
