@@ -272,6 +272,15 @@ class LeakCheck:
             code = getattr(coro, "cr_code", None)
             if code is not None and code.co_filename.startswith(_PLUGIN_DIR):
                 continue  # our own machinery (canary, burst driver)
+            # Armed by context: only tasks a request started (they inherit its context).
+            # Tasks the test or its fixtures started are theirs to manage, and lifespan
+            # tasks live as long as the app.
+            # (The task factory saw the context at creation; Task.get_context is 3.12+.)
+            if task not in self._created_at:
+                ctx = getattr(task, "get_context", None)
+                info = context.info_of(ctx() if callable(ctx) else None)
+                if info is None or info.label == "lifespan":
+                    continue
             pending.append(task)
         return pending
 
