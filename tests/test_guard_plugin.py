@@ -268,3 +268,43 @@ def test_lifespan_blocking_is_reported_and_fails_only_on_request(
     (test,) = load_json(out)["tests"]
     (finding,) = test["findings"]
     assert (finding["request"], finding["line"]) == ("lifespan", line_of(APP, "LIFESPAN-LINE"))
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ['"trio"', '("asyncio", {"use_uvloop": True})', '"asyncio"'],
+    ids=["trio", "uvloop", "asyncio"],
+)
+def test_stall_client_and_guard_on_every_backend(pytester: pytest.Pytester, backend: str) -> None:
+    pytester.makepyfile(myapp=APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        f"""
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def anyio_backend():
+            return {backend}
+
+        @pytest.fixture
+        def stall_app():
+            return create_app()
+
+        async def test_blocking(stall_client):
+            assert (await stall_client.get("/sleepy")).status_code == 200
+
+        async def test_clean(stall_client):
+            r = await stall_client.burst("GET", "/offloaded", n=10, canary="/threaded")
+            assert r.statuses[200] == 10
+        """
+    )
+    out = pytester.path / "r.json"
+    result = pytester.runpytest("-p", "no:asyncio", f"--stall-report-json={out}")
+    result.assert_outcomes(passed=1, failed=1)
+    tests = {t["nodeid"].split("::")[1]: t for t in load_json(out)["tests"]}
+    (finding,) = tests["test_blocking"]["findings"]
+    assert (finding["kind"], finding["line"], finding["request"]) == (
+        "blocking-call", line_of(APP, "SLEEP-LINE"), "GET /sleepy"
+    )
+    assert tests["test_clean"]["findings"] == []
