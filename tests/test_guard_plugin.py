@@ -308,3 +308,34 @@ def test_stall_client_and_guard_on_every_backend(pytester: pytest.Pytester, back
         "blocking-call", line_of(APP, "SLEEP-LINE"), "GET /sleepy"
     )
     assert tests["test_clean"]["findings"] == []
+
+
+@pytest.mark.parametrize("mode", ["strict", "auto"])
+def test_stall_guard_flag_in_a_pytest_asyncio_suite(pytester: pytest.Pytester, mode: str) -> None:
+    pytester.makepyfile(myapp=APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        import httpx
+        import pytest
+        from myapp import create_app
+
+        @pytest.mark.asyncio
+        async def test_sleepy():
+            transport = httpx.ASGITransport(app=create_app())
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/sleepy")).status_code == 200
+
+        @pytest.mark.asyncio
+        async def test_offloaded():
+            transport = httpx.ASGITransport(app=create_app())
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                assert (await client.get("/offloaded")).status_code == 200
+        """
+    )
+    result = pytester.runpytest(
+        "-p", "asyncio", f"--asyncio-mode={mode}",
+        "-o", "asyncio_default_fixture_loop_scope=function", "--stall-guard",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*[[]blocking-call[]] time.sleep()*during GET /sleepy*"])
