@@ -147,6 +147,10 @@ class LeakCheck:
         self._record_creation = record_creation
         self._tasks_before: weakref.WeakSet[asyncio.Task[Any]] | None = None
         self._threads_before: set[int] = set()
+        self._thread_start: Callable[[threading.Thread], None] | None = None
+        self._started_by: weakref.WeakKeyDictionary[threading.Thread, str] = (
+            weakref.WeakKeyDictionary()
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._factory_installed = False
         self._previous_factory: Any = None
@@ -162,6 +166,7 @@ class LeakCheck:
     def start(self) -> LeakCheck:
         self._started = context.perf_counter()
         self._threads_before = {t.ident for t in threading.enumerate() if t.ident}
+        self._watch_thread_starts()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -198,6 +203,28 @@ class LeakCheck:
         self._previous_factory = previous
         self._factory_installed = True
 
+    def _watch_thread_starts(self) -> None:
+        """Note which request (if any) starts each thread from now on: only threads a
+        request started can be its leak; the test's and its fixtures' own are theirs."""
+        if self._thread_start is not None:
+            return
+        original = threading.Thread.start
+        started_by = self._started_by
+
+        def start(thread: threading.Thread) -> None:
+            info = context.current()
+            if info is not None and info.label != "lifespan":
+                started_by[thread] = info.request
+            original(thread)
+
+        self._thread_start = original
+        threading.Thread.start = start  # type: ignore[method-assign,assignment]
+
+    def _unwatch_thread_starts(self) -> None:
+        original, self._thread_start = self._thread_start, None
+        if original is not None:
+            threading.Thread.start = original  # type: ignore[method-assign,assignment]
+
     def _remove_factory(self) -> None:
         if self._factory_installed and self._loop is not None:
             self._factory_installed = False
@@ -227,10 +254,12 @@ class LeakCheck:
             return self._report(seen)
         finally:
             self._remove_factory()
+            self._unwatch_thread_starts()
 
     def close(self) -> None:
-        """Undo what ``start`` installed (the task factory); check() does it too."""
+        """Undo what ``start`` installed (task factory, thread-start hook); check() does too."""
         self._remove_factory()
+        self._unwatch_thread_starts()
 
     async def _until(self, done: Callable[[], bool], timeout_s: float) -> None:
         """Poll ``done`` until true or ``timeout_s`` of real time passed. Sleeps in a
@@ -318,7 +347,8 @@ class LeakCheck:
         for thread in threading.enumerate():
             ident = thread.ident
             if (ident is None or ident in self._threads_before or ident in tracked
-                    or not thread.is_alive() or thread.name.startswith("stallguard-")):
+                    or not thread.is_alive() or thread.name.startswith("stallguard-")
+                    or thread not in self._started_by):
                 continue
             location = _innermost_user(frames.get(ident))
             if location is not None:
@@ -346,9 +376,10 @@ class LeakCheck:
         for thread, location in self._busy_new_threads():
             yield _Seen(
                 "connection-leak",
-                f"Thread {thread.name!r}, started during the test, was still running "
-                f"{_where(location)} at teardown. {THREAD_HELP} See {DOCS}connection-leak",
-                location, None, None, f"thread {thread.name}",
+                f"Thread {thread.name!r}, started by {self._started_by.get(thread)}, was "
+                f"still running {_where(location)} at teardown. {THREAD_HELP} "
+                f"See {DOCS}connection-leak",
+                location, self._started_by.get(thread), None, f"thread {thread.name}",
             )
 
     # -- connections -------------------------------------------------------------------

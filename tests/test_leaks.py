@@ -234,7 +234,7 @@ async def test_finished_worker_thread_is_clean() -> None:
 
 
 @BOTH
-async def test_thread_started_during_the_test_running_user_code() -> None:
+async def test_thread_a_request_started_running_user_code() -> None:
     stop = threading.Event()
 
     def poll_forever() -> None:
@@ -242,17 +242,25 @@ async def test_thread_started_during_the_test_running_user_code() -> None:
             pass
 
     leaks = LeakCheck().start()
-    thread = threading.Thread(target=poll_forever, name="poller")
-    thread.start()
+    mine = threading.Thread(target=poll_forever, name="the-tests-own")
+    mine.start()  # the test's own thread: not the app's leak
+    token = context.enter("GET /poll")
+    try:
+        thread = threading.Thread(target=poll_forever, name="poller")
+        thread.start()
+    finally:
+        context.leave(token)
     try:
         [finding] = await leaks.check(grace_s=0.1)
     finally:
         stop.set()
         thread.join(5)
+        mine.join(5)
+    assert threading.Thread.start.__module__ == "threading"  # the start hook is gone
     assert finding.kind == "connection-leak"
     assert finding.function == "poll_forever"
     assert finding.line == line_of(poll_forever, "stop.wait")
-    assert "'poller'" in finding.message
+    assert "'poller'" in finding.message and finding.request == "GET /poll"
 
 
 # -- database connections -----------------------------------------------------------------
