@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,34 @@ def label_of(scope: Scope) -> str:
 
 _WRAPPED = "__stallguard_wrapped__"
 
-# Called (without arguments) on the loop thread as each ASGI call starts; the loop watch
-# uses it to hook loops that need per-loop instrumentation (uvloop, trio). Keep it cheap.
+# Called (without arguments) on the loop thread as an ASGI call starts on a loop they have
+# not seen yet; the loop watch uses it to hook each loop once. Change it only through
+# add_enter_hook / remove_enter_hook, which forget which loops were seen.
 on_enter: list[Callable[[], None]] = []
+_seen_loop: list[object] = [None]  # the asyncio loop the hooks last ran on
+
+
+def add_enter_hook(hook: Callable[[], None]) -> None:
+    on_enter.append(hook)
+    _seen_loop[0] = None
+
+
+def remove_enter_hook(hook: Callable[[], None]) -> None:
+    if hook in on_enter:
+        on_enter.remove(hook)
+    _seen_loop[0] = None
+
+
+def run_enter_hooks() -> None:
+    """Run the hooks unless they already ran on this (asyncio) loop; cheap when they did."""
+    if not on_enter:
+        return
+    loop = _get_running_loop()
+    if loop is not None and loop is _seen_loop[0]:
+        return
+    for hook in on_enter:
+        hook()
+    _seen_loop[0] = loop  # None on trio: the hooks run every time (they are cheap there)
 
 
 def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
@@ -126,8 +152,7 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
             await anyio.lowlevel.checkpoint()
         info = RequestInfo(label_of(scope), threading.get_ident())
         token = _current.set(info)
-        for hook in on_enter:
-            hook()
+        run_enter_hooks()
         try:
             if scope.get("type") != "http":
                 await app(scope, receive, send)

@@ -95,8 +95,7 @@ class GuardRun:
         Loop steps are timed from the first step that starts after the loop is hooked;
         the test's first request may run inside the very step that would hook it.
         """
-        for hook in context.on_enter:
-            hook()
+        context.run_enter_hooks()
         if self.settings.leak_check:
             self.leaks.start()
         await anyio.lowlevel.checkpoint()
@@ -148,11 +147,10 @@ class _LoopStalls:
 
     def start(self) -> None:
         self.watch.start()
-        context.on_enter.append(self.watch.attach)
+        context.add_enter_hook(self.watch.attach)
 
     def stop(self) -> None:
-        with contextlib.suppress(ValueError):
-            context.on_enter.remove(self.watch.attach)
+        context.remove_enter_hook(self.watch.attach)
         self.watch.stop()
         self.watch.detach_all()
 
