@@ -34,7 +34,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpcore
@@ -124,9 +124,11 @@ class _Knobs:
             return self.fail_status, data, [(b"content-type", b"application/json")]
         if self.json is None:
             return self.status, b"", []
-        return self.status, jsonlib.dumps(self.json).encode(), [
-            (b"content-type", b"application/json")
-        ]
+        return (
+            self.status,
+            jsonlib.dumps(self.json).encode(),
+            [(b"content-type", b"application/json")],
+        )
 
 
 class _Counters:
@@ -189,6 +191,9 @@ class _Recorded:
 
 
 # -- pool slots ---------------------------------------------------------------------------
+
+
+_S = TypeVar("_S")
 
 
 class _AsyncSlots:
@@ -259,8 +264,9 @@ class Upstream(_Recorded):
     ) -> None:
         url = httpx.URL(base_url)
         if not url.scheme or not url.host:
-            raise ValueError(f"slow_upstream({base_url!r}): give an absolute URL like "
-                             "'https://payments.example'")
+            raise ValueError(
+                f"slow_upstream({base_url!r}): give an absolute URL like 'https://payments.example'"
+            )
         self.base_url = base_url
         self._scheme = url.scheme
         self._host = url.host
@@ -412,9 +418,7 @@ class Upstream(_Recorded):
                 slots.release()
 
 
-def _wrap_pool_method(
-    original: Callable[..., Any], is_async: bool
-) -> Callable[..., Any]:
+def _wrap_pool_method(original: Callable[..., Any], is_async: bool) -> Callable[..., Any]:
     if is_async:
 
         async def handle_async_request(self: object, *args: Any, **kwargs: Any) -> Any:
@@ -476,8 +480,13 @@ class SlowUpstreams:
         ``connect_delay`` longer than the caller's connect timeout raises ConnectTimeout.
         """
         knobs = _Knobs(
-            delay=delay, jitter=jitter, status=status, json=json, fail_rate=fail_rate,
-            fail_status=fail_status, seed=seed,
+            delay=delay,
+            jitter=jitter,
+            status=status,
+            json=json,
+            fail_rate=fail_rate,
+            fail_status=fail_status,
+            seed=seed,
         )
         upstream = Upstream(
             self, base_url, knobs, connect_error=connect_error, connect_delay=connect_delay
@@ -500,8 +509,13 @@ class SlowUpstreams:
     ) -> Server:
         """A real HTTP server on 127.0.0.1 (see :func:`serve`), stopped by :meth:`close`."""
         server = serve(
-            delay=delay, jitter=jitter, status=status, json=json, fail_rate=fail_rate,
-            fail_status=fail_status, seed=seed,
+            delay=delay,
+            jitter=jitter,
+            status=status,
+            json=json,
+            fail_rate=fail_rate,
+            fail_status=fail_status,
+            seed=seed,
         )
         self._servers.append(server)
         return server
@@ -542,21 +556,24 @@ class SlowUpstreams:
         return request
 
     def _async_slots(self, pool: object | None) -> _AsyncSlots | None:
-        if pool is None:
-            return None
-        with self._slots_lock:
-            slots = self._aslots.get(pool)
-            if slots is None:
-                slots = self._aslots[pool] = _AsyncSlots()
-            return slots
+        return self._slots(self._aslots, _AsyncSlots, pool)
 
     def _sync_slots(self, pool: object | None) -> _SyncSlots | None:
+        return self._slots(self._sslots, _SyncSlots, pool)
+
+    def _slots(
+        self,
+        table: weakref.WeakKeyDictionary[object, _S],
+        make: Callable[[], _S],
+        pool: object | None,
+    ) -> _S | None:
+        """The slot counter of the caller's pool (one per pool, made on first use)."""
         if pool is None:
             return None
         with self._slots_lock:
-            slots = self._sslots.get(pool)
+            slots = table.get(pool)
             if slots is None:
-                slots = self._sslots[pool] = _SyncSlots()
+                slots = table[pool] = make()
             return slots
 
     @property
@@ -697,8 +714,12 @@ class Server(_Recorded):
                     return
                 method, target, headers = head
                 await _read_body(reader, headers)
-                call = Call(method=method, url=self.url + target, request=None,
-                            started=context.perf_counter())
+                call = Call(
+                    method=method,
+                    url=self.url + target,
+                    request=None,
+                    started=context.perf_counter(),
+                )
                 self._counters.begin(call)
                 self._counters.enter()
                 try:
@@ -710,9 +731,11 @@ class Server(_Recorded):
                         return
                     status, body, extra = self._knobs.body(failed)
                     close = headers.get("connection", "").lower() == "close"
-                    lines = [f"HTTP/1.1 {status} {_reason(status)}",
-                             f"content-length: {len(body)}",
-                             "connection: close" if close else "connection: keep-alive"]
+                    lines = [
+                        f"HTTP/1.1 {status} {_reason(status)}",
+                        f"content-length: {len(body)}",
+                        "connection: close" if close else "connection: keep-alive",
+                    ]
                     lines += [f"{k.decode()}: {v.decode()}" for k, v in extra]
                     # Recorded before the write: the client may read the response (and the
                     # test look at .calls) before drain() returns here.
@@ -813,8 +836,13 @@ def serve(
     :meth:`Server.close` (or use it as a context manager).
     """
     knobs = _Knobs(
-        delay=delay, jitter=jitter, status=status, json=json, fail_rate=fail_rate,
-        fail_status=fail_status, seed=seed,
+        delay=delay,
+        jitter=jitter,
+        status=status,
+        json=json,
+        fail_rate=fail_rate,
+        fail_status=fail_status,
+        seed=seed,
     )
     server = Server(knobs)
     server._start()
@@ -829,5 +857,3 @@ def slow_upstreams() -> Iterator[SlowUpstreams]:
         yield factory
     finally:
         factory.close()
-
-
