@@ -16,6 +16,22 @@ from pytest_stallguard import context, location
 
 pytest_plugins = ["pytester"]
 
+# Backends for anyio tests: the full matrix, and the two shorthands with their reasons
+# written where they are used (asyncio-only libraries, task semantics).
+BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("trio", {}), id="trio"),
+]
+BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
+ASYNCIO = pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+
+
+@pytest.fixture
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """asyncio unless a test parametrizes it (BOTH, ASYNCIO) or a module overrides it."""
+    return str(getattr(request, "param", "asyncio"))
+
 APP = '''
 import time
 import anyio

@@ -23,20 +23,13 @@ from pytest_stallguard.leaks import LeakCheck
 from pytest_stallguard.pools import PoolWatch
 from pytest_stallguard.upstream import SlowUpstreams, serve
 
-from .conftest import asgi_client, line_of
+from .conftest import ASYNCIO, BOTH, asgi_client, line_of
 
 pytestmark = pytest.mark.anyio
 
 
-BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
 # Task leaks are an asyncio matter: on trio a task cannot outlive its nursery. SQLAlchemy's
 # async engines run on asyncio only.
-ASYNCIO = pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
-
-
-@pytest.fixture
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(getattr(request, "param", "asyncio"))
 
 
 

@@ -19,10 +19,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from pytest_stallguard import context, location, loopwatch
+from pytest_stallguard import context, loopwatch
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.loopwatch import LoopWatch
 from pytest_stallguard.model import Finding
+
+from .conftest import BACKENDS
 
 THIS_FILE = "tests/test_loopwatch.py"
 _SOURCE = Path(__file__).read_text().splitlines()
@@ -35,21 +37,9 @@ def line_of(marker: str) -> int:
     return hits[0]
 
 
-BACKENDS = [
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("trio", {}), id="trio"),
-]
-
-
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
-
-
-@pytest.fixture(autouse=True)
-def _root(request: pytest.FixtureRequest) -> None:
-    location.set_root(str(request.config.rootpath))
 
 
 def burn(ms: float) -> int:

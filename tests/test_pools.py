@@ -24,19 +24,12 @@ from pytest_stallguard.guard import Guard
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
 from pytest_stallguard.upstream import SlowUpstreams, serve
 
-from .conftest import asgi_client, line_of
+from .conftest import ASYNCIO, BOTH, asgi_client, line_of
 
 pytestmark = pytest.mark.anyio
 
 
-BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
 # SQLAlchemy's async engines (and aiosqlite) run on asyncio only.
-ASYNCIO = pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
-
-
-@pytest.fixture
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    return str(getattr(request, "param", "asyncio"))
 
 
 

@@ -30,10 +30,12 @@ import pytest
 import requests
 from fastapi import FastAPI
 
-from pytest_stallguard import context, location, traps
+from pytest_stallguard import context, traps
 from pytest_stallguard.errors import BlockingCallError
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.model import Finding
+
+from .conftest import BACKENDS
 
 THIS_FILE = "tests/test_traps.py"
 _SOURCE = Path(__file__).read_text().splitlines()
@@ -47,21 +49,9 @@ def line_of(marker: str) -> int:
     return hits[0]
 
 
-BACKENDS = [
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    pytest.param(("trio", {}), id="trio"),
-]
-
-
 @pytest.fixture(params=BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
-
-
-@pytest.fixture(autouse=True)
-def _root(request: pytest.FixtureRequest) -> None:
-    location.set_root(str(request.config.rootpath))
 
 
 class _Quiet(http.server.BaseHTTPRequestHandler):
