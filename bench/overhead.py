@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+from driver import make_app  # the same trivial app as bench/driver.py (bench/ is on sys.path)
 
 from pytest_stallguard.client import running
 from pytest_stallguard.config import Settings
@@ -50,14 +50,6 @@ TARGET = 1.05
 WARMUP = 100
 
 
-def make_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping() -> dict[str, bool]:
-        return {"ok": True}
-
-    return app
 
 
 APP = make_app()
