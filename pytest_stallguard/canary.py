@@ -73,10 +73,6 @@ async def _schedule(
             await anyio.lowlevel.checkpoint()
 
 
-async def warm_up(app: ASGIApp, spec: RequestSpec) -> None:
-    await call(app, spec)
-
-
 async def service_ms(app: ASGIApp, spec: RequestSpec) -> float:
     """The canary's own loop cost: median of a few direct calls on the quiet app."""
     times = []
@@ -88,7 +84,7 @@ async def service_ms(app: ASGIApp, spec: RequestSpec) -> float:
 
 async def baseline(app: ASGIApp, spec: RequestSpec, every_ms: float) -> tuple[list[float], float]:
     """Latencies of probes on the quiet app, and the canary's service time in ms."""
-    await warm_up(app, spec)
+    await call(app, spec)  # warm-up: one-time framework work is not the baseline
     service = await service_ms(app, spec)
     out: list[float] = []
     await _schedule(app, spec, every_ms / 1000.0, out, None, BASELINE_PROBES)

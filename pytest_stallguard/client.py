@@ -6,6 +6,7 @@ import gc
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -180,8 +181,6 @@ class StallClient(httpx.AsyncClient):
                     self.app, specs, settings.n, settings.concurrency, timeout
                 )
         if results:
-            from dataclasses import replace
-
             result = replace(result, canary=results[0])
             during = f"a burst of {settings.n} x {', '.join(result.specs)}"
             self._judge(results[0], settings.max_canary_slowdown, during)

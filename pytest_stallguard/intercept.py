@@ -64,7 +64,3 @@ def uninstall() -> None:
         cls = getattr(sys.modules[module_name], class_name)
         cls.__init__ = original
         del _originals[(module_name, class_name)]
-
-
-def installed() -> bool:
-    return bool(_originals)

@@ -146,7 +146,6 @@ class LeakCheck:
         self._guard = guard_
         self._record_creation = record_creation
         self._tasks_before: weakref.WeakSet[asyncio.Task[Any]] | None = None
-        self._threads_before: set[int] = set()
         self._thread_start: Callable[[threading.Thread], None] | None = None
         self._started_by: weakref.WeakKeyDictionary[threading.Thread, str] = (
             weakref.WeakKeyDictionary()
@@ -165,7 +164,6 @@ class LeakCheck:
     # -- start -------------------------------------------------------------------------
     def start(self) -> LeakCheck:
         self._started = context.perf_counter()
-        self._threads_before = {t.ident for t in threading.enumerate() if t.ident}
         self._watch_thread_starts()
         try:
             loop = asyncio.get_running_loop()
@@ -346,9 +344,10 @@ class LeakCheck:
         busy = []
         for thread in threading.enumerate():
             ident = thread.ident
-            if (ident is None or ident in self._threads_before or ident in tracked
-                    or not thread.is_alive() or thread.name.startswith("stallguard-")
-                    or thread not in self._started_by):
+            # Only threads a request started since start() (not compared by ident: the OS
+            # reuses the ident of a thread that has ended for the next one).
+            if (ident is None or ident in tracked or thread not in self._started_by
+                    or not thread.is_alive() or thread.name.startswith("stallguard-")):
                 continue
             location = _innermost_user(frames.get(ident))
             if location is not None:

@@ -82,13 +82,3 @@ def user_location(frame: FrameType | None) -> Location:
         return relative(first.f_code.co_filename), first.f_lineno, first.f_code.co_name
     return None, None, None
 
-
-def user_location_in(stack: list[tuple[str, int, str]]) -> Location:
-    """Same as :func:`user_location` for a stack given innermost first as tuples."""
-    for filename, line, function in stack:
-        if is_user_file(filename):
-            return relative(filename), line, function
-    if stack:
-        filename, line, function = stack[0]
-        return relative(filename), line, function
-    return None, None, None

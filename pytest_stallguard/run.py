@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -27,11 +27,6 @@ from .loopwatch import LoopWatch
 from .model import DOCS, Finding, PoolStats
 from .pools import PoolWatch, ShrinkPools
 from .upstream import SlowUpstreams
-
-
-class Detector(Protocol):
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
 
 
 class GuardRun:
@@ -125,9 +120,6 @@ class GuardRun:
 class _Traps:
     """Blocking-call traps, process-wide while a test runs (they check the guard's mode)."""
 
-    def __init__(self, run: GuardRun) -> None:
-        self.run = run
-
     def start(self) -> None:
         traps.install()
 
@@ -136,7 +128,7 @@ class _Traps:
 
 
 def _traps(run: GuardRun) -> _Traps | None:
-    return None if run.settings.traps == "off" else _Traps(run)
+    return None if run.settings.traps == "off" else _Traps()
 
 
 class _LoopStalls:
