@@ -142,14 +142,19 @@ class StallClient(httpx.AsyncClient):
         where = "stall_client.burst() arguments"
         if isinstance(method, str):
             if path is None:
-                raise TypeError("stall_client.burst(method, path): the path is missing")
+                raise TypeError(
+                    f"stall_client.burst({method!r}): the path is missing; give "
+                    "burst(method, path, ...) or burst([(method, path), ...])"
+                )
             specs = burst_mod.parse_specs([(method, path, request_kwargs)])
             default_n = self.settings.n
         else:
             if path is not None or request_kwargs:
+                extra = ", ".join((["path"] if path is not None else []) + sorted(request_kwargs))
                 raise TypeError(
-                    "stall_client.burst(specs): with a list of requests, put path and request "
-                    "arguments inside each spec"
+                    f"stall_client.burst(specs, ...): got {extra} "
+                    "beside a list of requests; put the path and request arguments inside each "
+                    "spec: (method, path, {request kwargs})"
                 )
             specs = burst_mod.parse_specs(method)
             default_n = len(specs)

@@ -94,10 +94,16 @@ class _Knobs:
         fail_status: int,
         seed: int | None,
     ) -> None:
-        if delay < 0 or jitter < 0:
-            raise ValueError(f"delay and jitter must be >= 0, got delay={delay}, jitter={jitter}")
+        for name, value in (("delay", delay), ("jitter", jitter)):
+            if value < 0:
+                raise ValueError(
+                    f"slow_upstream: {name}={value!r} is not valid; give seconds >= 0"
+                )
         if not 0.0 <= fail_rate <= 1.0:
-            raise ValueError(f"fail_rate must be between 0.0 and 1.0, got {fail_rate}")
+            raise ValueError(
+                f"slow_upstream: fail_rate={fail_rate!r} is not valid; give a fraction "
+                "from 0.0 (never fail) to 1.0 (always fail)"
+            )
         self.delay = delay
         self.jitter = jitter
         self.status = status

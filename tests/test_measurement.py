@@ -144,3 +144,32 @@ def test_canary_counts_from_schedule_through_a_blocked_loop() -> None:
 def test_bad_request_specs_are_named(bad: list[object]) -> None:
     with pytest.raises(ConfigError, match="burst\\(\\)"):
         burst.parse_specs(bad)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "expected"),
+    [
+        (("GET",), {}, r"burst\('GET'\): the path is missing"),
+        (([("GET", "/fast")], "/x"), {"json": {}}, r"got path, json beside a list of requests"),
+    ],
+)
+def test_bad_burst_calls_say_what_to_write(
+    args: tuple[object, ...], kwargs: dict[str, object], expected: str
+) -> None:
+    from pytest_stallguard.client import StallClient
+    from pytest_stallguard.config import Settings
+
+    async def main() -> None:
+        async with StallClient(make_app(), Settings(), None) as client:
+            await client.burst(*args, **kwargs)  # type: ignore[arg-type]
+
+    with pytest.raises(TypeError, match=expected):
+        anyio.run(main)
+
+
+@pytest.mark.parametrize(("knob", "value"), [("delay", -1.0), ("jitter", -0.5), ("fail_rate", 2.0)])
+def test_bad_upstream_knobs_name_the_value(knob: str, value: float) -> None:
+    from pytest_stallguard.upstream import SlowUpstreams
+
+    with SlowUpstreams() as fakes, pytest.raises(ValueError, match=f"{knob}={value!r} is not valid"):
+        fakes("https://pay.example", **{knob: value})
