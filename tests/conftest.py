@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from pytest_stallguard import context, location
+from pytest_stallguard.upstream import SlowUpstreams
 
 pytest_plugins = ["pytester"]
 
@@ -25,6 +26,13 @@ BACKENDS = [
 ]
 BOTH = pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"], indirect=True)
 ASYNCIO = pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+
+
+@pytest.fixture
+def upstreams() -> Iterator[SlowUpstreams]:
+    """Slow upstream fakes for a test, stopped after it."""
+    with SlowUpstreams() as factory:
+        yield factory
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,6 @@ pytestmark = pytest.mark.anyio
 # async engines run on asyncio only.
 
 
-
-
-@pytest.fixture
-def upstreams() -> Iterator[SlowUpstreams]:
-    factory = SlowUpstreams()
-    try:
-        yield factory
-    finally:
-        factory.close()
 
 
 # -- tasks --------------------------------------------------------------------------------

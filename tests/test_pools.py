@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,6 @@ async def shrink() -> AsyncIterator[ShrinkPools]:
         yield pools
     finally:
         await pools.aclose()
-
-
-@pytest.fixture
-def upstreams() -> Iterator[SlowUpstreams]:
-    factory = SlowUpstreams()
-    try:
-        yield factory
-    finally:
-        factory.close()
 
 
 # -- worker threads -----------------------------------------------------------------------

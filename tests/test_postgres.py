@@ -100,15 +100,6 @@ async def settle(host: str, where: str = "true", timeout_s: float = 5.0) -> int:
 
 
 @pytest.fixture
-def upstreams() -> Iterator[SlowUpstreams]:
-    factory = SlowUpstreams()
-    try:
-        yield factory
-    finally:
-        factory.close()
-
-
-@pytest.fixture
 async def pg_pool(pg_host: str) -> AsyncIterator[Any]:
     pool = await asyncpg.create_pool(
         user="postgres", host=pg_host, database="postgres", min_size=1, max_size=5

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -27,15 +27,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture(params=["asyncio", "trio"], ids=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def upstreams() -> Iterator[SlowUpstreams]:
-    factory = SlowUpstreams()
-    try:
-        yield factory
-    finally:
-        factory.close()
 
 
 def line_of(func: Callable[..., Any], text: str) -> int:
