@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pytest_stallguard import context, location
+from pytest_stallguard import context, location, patching
 from pytest_stallguard.upstream import SlowUpstreams
 
 pytest_plugins = ["pytester"]
@@ -111,6 +111,14 @@ def load_json(path: Path) -> dict[str, Any]:
 
 def dedent(text: str) -> str:
     return textwrap.dedent(text)
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_patched() -> Iterator[None]:
+    """After every test of ours, no patch of the plugin's is still installed."""
+    yield
+    left = patching.restore_all()
+    assert not left, f"still patched after the test: {', '.join(map(str, left))}"
 
 
 @pytest.fixture(autouse=True)
