@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 KINDS = (
@@ -155,6 +155,15 @@ class RequestError:
         return f"{self.method} {self.path}: {type(self.exception).__name__}: {self.exception}"
 
 
+def _detached(exc: BaseException) -> BaseException:
+    try:
+        copy = type(exc).__new__(type(exc))
+        copy.args = exc.args
+    except Exception:
+        copy = RuntimeError(f"{type(exc).__name__}: {exc}")
+    return copy
+
+
 @dataclass(frozen=True)
 class BurstResult:
     method: str
@@ -189,6 +198,12 @@ class BurstResult:
     def ok(self) -> int:
         """Requests answered with a status below 500."""
         return sum(c for s, c in self.statuses.items() if s < 500)
+
+    def detached(self) -> BurstResult:
+        """A copy for the reports that holds no traceback (a traceback holds the frames,
+        and with them the app, the client and the loop of a finished test)."""
+        errors = [replace(e, exception=_detached(e.exception)) for e in self.errors]
+        return replace(self, errors=errors)
 
     def to_dict(self) -> dict[str, Any]:
         return {

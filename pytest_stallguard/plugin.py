@@ -5,13 +5,14 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import warnings
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from . import intercept, location
+from . import intercept, location, patching
 from .app import load_app
 from .client import StallClient, running
 from .config import MARKER_KEYS, Settings, layer, marker_values
@@ -21,7 +22,7 @@ from .model import TestRecord
 from .pools import ShrinkPools
 from .report import data as data_report
 from .report import text as text_report
-from .run import GuardRun, failure_message
+from .run import GuardRun
 from .upstream import SlowUpstreams
 
 THRESHOLD_DESC = "Loop-stall threshold in milliseconds (default 20)."
@@ -36,6 +37,10 @@ SLOWDOWN_DESC = "Canary p95 over quiet baseline p95 that fails a test (default 2
 STARTUP_DESC = "Seconds the app's lifespan startup may take (default 30)."
 SHUTDOWN_DESC = "Seconds the app's lifespan shutdown may take (default 30)."
 
+class StallguardWarning(pytest.PytestWarning):
+    """Something the plugin could not watch (a library version it cannot hook, say)."""
+
+
 OUR_FIXTURES = frozenset({"stall_client", "stall_guard", "slow_upstream", "shrink_pools"})
 ASYNC_FIXTURES = ("stall_client",)
 
@@ -44,6 +49,9 @@ ALL_KEY = pytest.StashKey[bool]()
 RUN_KEY = pytest.StashKey[GuardRun]()
 OUTCOME_KEY = pytest.StashKey[str]()
 ROOT_KEY = pytest.StashKey[str]()
+REPORTER_KEY = pytest.StashKey["_Reporter"]()
+
+_sessions = 0  # configured sessions in this process (pytester runs nest inside ours)
 
 
 # -- options -----------------------------------------------------------------------------
@@ -111,8 +119,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[ALL_KEY] = bool(
         config.getoption("--stall-guard") or config.getini("stallguard_all")
     )
-    if not hasattr(config, "workerinput"):  # xdist workers hand their records over
-        config.pluginmanager.register(_Reporter(config), "stallguard-reporter")
+    global _sessions
+    _sessions += 1
+    reporter = _Reporter(config)
+    config.stash[REPORTER_KEY] = reporter
+    config.pluginmanager.register(reporter, "stallguard-reporter")
     config.stash[ROOT_KEY] = location.set_root(str(config.rootpath))
     if config.stash[ALL_KEY]:
         # Transports and lifespan managers built by module- or session-scoped fixtures
@@ -121,7 +132,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    global _sessions
     intercept.uninstall()
+    _sessions = max(0, _sessions - 1)
+    if _sessions == 0:
+        # The last line of defence (an interrupted run, a hook that never got to its
+        # teardown): nothing of ours stays patched once pytest is done.
+        patching.restore_all()
     old_root = config.stash.get(ROOT_KEY, None)
     if old_root is not None:  # a nested run (pytester) gives the outer one its root back
         location.set_root(old_root)
@@ -232,14 +249,6 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
 def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
     """The test function, followed by the after-test checks, failing on findings."""
 
-    def verdict(error: Exception | None = None) -> None:
-        """Fail on findings; when the test failed too, the findings come first (they are
-        usually why), with the test's own error chained below them."""
-        __tracebackhide__ = True
-        failing = run.guard.failing()
-        if failing:
-            raise StallFindings(failure_message(failing), failing) from error
-
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
@@ -250,10 +259,10 @@ def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
                 result = await fn(*args, **kwargs)
             except Exception as exc:
                 await run.leave_loop()
-                verdict(exc)
+                run.verdict(exc)
                 raise
             await run.leave_loop()
-            verdict()
+            run.verdict()
             return result
 
         return async_test
@@ -264,9 +273,9 @@ def _checked(fn: Callable[..., Any], run: GuardRun) -> Callable[..., Any]:
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:
-            verdict(exc)
+            run.verdict(exc)
             raise
-        verdict()
+        run.verdict()
         return result
 
     return sync_test
@@ -290,12 +299,42 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
     try:
-        return (yield)
+        result = yield
     finally:
         _lend_fixtures_to_asyncio(item, False)
         run = item.stash.get(RUN_KEY, None)
         if run is not None:
             run.stop()
+        _warn_hook_failures()
+    if run is not None:
+        __tracebackhide__ = True
+        run.verdict()  # what the app's shutdown or a fixture's teardown recorded since
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, object]:
+    """Whatever happens to the test (an interrupt skips its teardown), its run is stopped
+    and everything it patched is restored before the next test or the end of the session."""
+    try:
+        return (yield)
+    finally:
+        run = item.stash.get(RUN_KEY, None)
+        if run is not None:
+            run.stop()
+            del item.stash[RUN_KEY]  # a finished test holds no app, client or loop
+
+
+def _warn_hook_failures() -> None:
+    """Hooks of ours that failed and turned themselves off: one warning each. It is about
+    the plugin, not the app, so a suite's ``filterwarnings = error`` does not fail on it."""
+    notes = patching.take_warnings()
+    if not notes:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", StallguardWarning)
+        for note in notes:
+            warnings.warn(StallguardWarning(note), stacklevel=2)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -324,31 +363,35 @@ def pytest_runtest_makereport(
         outcome = "skipped"
     item.stash[OUTCOME_KEY] = outcome
     if report.when == "teardown":
+        run.stop()
         record = TestRecord(
             nodeid=item.nodeid,
             outcome=outcome,
             findings=run.guard.findings,
-            bursts=list(run.client.bursts) if run.client is not None else [],
+            bursts=[b.detached() for b in run.bursts],
             pools=run.pool_stats(),
         )
-        report.user_properties.append(("stallguard", record.to_dict()))
+        item.config.stash[REPORTER_KEY].add(record)
+        del item.stash[RUN_KEY]  # per-test state goes with its report
     return report
 
 
 class _Reporter:
-    """Collects the records (also from xdist workers) and writes the reports at the end."""
+    """Collects the records and writes the reports at the end. On an xdist worker it hands
+    its records to the controller through ``workeroutput``; the controller merges them."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.records: dict[str, TestRecord] = {}
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "teardown":
-            return
-        for name, value in report.user_properties:
-            if name == "stallguard" and isinstance(value, dict):
-                record = TestRecord.from_dict(value)
-                self.records[record.nodeid] = record
+    def add(self, record: TestRecord) -> None:
+        self.records[record.nodeid] = record
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        output = getattr(node, "workeroutput", None) or {}
+        for data in output.get("stallguard", ()):
+            self.add(TestRecord.from_dict(data))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         config = self.config
@@ -361,6 +404,11 @@ class _Reporter:
 
     def pytest_sessionfinish(self) -> None:
         config = self.config
+        _warn_hook_failures()
+        workeroutput = getattr(config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: the controller writes the files
+            workeroutput["stallguard"] = [r.to_dict() for r in self.records.values()]
+            return
         report = data_report.build(self.records.values())
         path = config.getoption("--stall-report-json")
         if path:

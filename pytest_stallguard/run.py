@@ -21,10 +21,11 @@ import anyio.lowlevel
 
 from . import context, traps
 from .config import Settings
+from .errors import StallFindings
 from .guard import Guard
 from .leaks import LeakCheck
 from .loopwatch import LoopWatch
-from .model import DOCS, Finding, PoolStats
+from .model import DOCS, BurstResult, Finding, PoolStats
 from .pools import PoolWatch, ShrinkPools
 from .upstream import SlowUpstreams
 
@@ -43,10 +44,13 @@ class GuardRun:
         self.detectors: list[Any] = []
         self._stack = contextlib.ExitStack()
         self.client: Any = None  # the StallClient, when the test used stall_client
+        self.bursts: list[BurstResult] = []  # its bursts, kept when the run stops
         self.pool_watch = PoolWatch(self.guard, threshold_ms=settings.pool_wait_ms)
         self.leaks = LeakCheck(self.pool_watch, self.guard)
         self._shrink: ShrinkPools | None = None
         self._upstreams: SlowUpstreams | None = None
+        self._stopped = False
+        self._judged: set[tuple[object, ...]] = set()  # failing findings already judged
 
     @property
     def shrink(self) -> ShrinkPools:
@@ -82,7 +86,30 @@ class GuardRun:
         return self
 
     def stop(self) -> None:
-        self._stack.close()
+        """Undo everything this run installed (idempotent, never raises on a second call)
+        and drop what ties it to the test's app and loop, so finished tests hold nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self._stack.close()
+        finally:
+            if self.client is not None:
+                self.bursts = list(self.client.bursts)
+            self.client = None
+            self.detectors.clear()
+
+    def verdict(self, error: BaseException | None = None) -> None:
+        """Fail on the failing findings not judged yet; when the test failed too, the
+        findings come first (they are usually why), its own error chained below them.
+
+        Called at the end of the test body, and again after teardown for what the app's
+        shutdown or the fixtures' teardown recorded since."""
+        __tracebackhide__ = True
+        failing = [f for f in self.guard.failing() if f.key() not in self._judged]
+        self._judged.update(f.key() for f in failing)
+        if failing:
+            raise StallFindings(failure_message(failing), failing) from error
 
     async def enter_loop(self) -> None:
         """Hook the running loop now (from inside it), then start a fresh loop step.
