@@ -13,6 +13,7 @@ import httpcore
 import httpx
 import pytest
 from fastapi import FastAPI
+from respx.mocks import HTTPCoreMocker
 
 from pytest_stallguard import context, patching, traps
 from pytest_stallguard.clock import real
@@ -339,6 +340,26 @@ def test_close_restores_the_pool_methods_even_after_an_error() -> None:
     upstreams.close()  # idempotent
 
 
+def test_restore_all_takes_the_router_off_too() -> None:
+    """What the plugin does when a run is interrupted: every patch of ours comes off,
+    the respx router we started included, and the pool methods are the originals."""
+    async_original = httpcore.AsyncConnectionPool.__dict__["handle_async_request"]
+    sync_original = httpcore.ConnectionPool.__dict__["handle_request"]
+    upstreams = SlowUpstreams()
+    upstreams("https://payments.example")
+    assert {(p.owner, p.target.rsplit(".")[-1], p.name) for p in patching.live()} == {
+        ("slow upstream", "respx", "respx router"),
+        ("slow upstream", "AsyncConnectionPool", "handle_async_request"),
+        ("slow upstream", "ConnectionPool", "handle_request"),
+    }
+    patching.restore_all()
+    assert patching.live() == []
+    assert httpcore.AsyncConnectionPool.__dict__["handle_async_request"] is async_original
+    assert httpcore.ConnectionPool.__dict__["handle_request"] is sync_original
+    assert HTTPCoreMocker.routers == []
+    upstreams.close()  # afterwards: nothing left to do, no error
+
+
 async def test_coexists_with_a_users_respx_router(upstreams: SlowUpstreams,
                                                  client: httpx.AsyncClient) -> None:
     import respx
@@ -644,3 +665,18 @@ async def test_a_lost_slot_does_not_hang_a_call_without_pool_timeout(
     assert waited >= fake.SLOT_WAIT_BOUND_S
     assert [call.outcome for call in up.calls] == ["ok", "ok"]
     assert len(notes) == 1 and "cannot watch pool slots" in notes[0]
+
+
+@pytest.mark.parametrize("name", ["begin", "enter", "end", "leave"])
+async def test_a_failing_call_log_does_not_change_the_served_answer(
+    monkeypatch: pytest.MonkeyPatch, notes: list[str], name: str
+) -> None:
+    with serve(delay=0.01, status=201, json={"real": True}) as server:
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            intact = await outcome_of(lambda: c.get(server.url))
+            with monkeypatch.context() as m:
+                m.setattr(CallLog, name, broken)
+                seen = await outcome_of(lambda: c.get(server.url))
+            again = await outcome_of(lambda: c.get(server.url))
+    assert intact == seen == again == (201, {"real": True})
+    assert len(notes) == 1 and "cannot watch the served upstream's call log" in notes[0]

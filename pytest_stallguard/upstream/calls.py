@@ -10,14 +10,32 @@ from __future__ import annotations
 import json as jsonlib
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from .. import patching
 from ..clock import real
 
-__all__ = ["Call", "CallLog", "Knobs", "Recorded"]
+__all__ = ["OWNER", "Call", "CallLog", "Knobs", "Recorded", "failed", "quietly"]
+
+OWNER = "slow upstream"  # the owner of our patches and of our hook-failure notes
+LIBRARY = "httpx"
+
+
+def failed(what: str, exc: BaseException) -> None:
+    """Our bookkeeping failed: note it once; the caller carries on without it."""
+    patching.hook_failed(OWNER, LIBRARY, what, exc)
+
+
+def quietly(what: str, fn: Callable[..., object], *args: Any) -> None:
+    """Run one step of our bookkeeping; if it fails, note it and go on (never raise)."""
+    try:
+        fn(*args)
+    except Exception as exc:
+        failed(what, exc)
 
 
 @dataclass

@@ -46,13 +46,11 @@ from .. import context, guard, patching
 from ..clock import real
 from ..model import DOCS
 from ..pools import note_http_pool_wait
-from .calls import Call, CallLog, Knobs, Recorded
+from .calls import OWNER, Call, CallLog, Knobs, Recorded, quietly
+from .calls import failed as _failed
 from .server import Server, serve
 
 __all__ = ["MISSING_TIMEOUT_HELP", "SlowUpstreams", "Upstream", "slow_upstreams"]
-
-OWNER = "slow upstream"
-LIBRARY = "httpx"
 
 # A slot wait with no pool timeout (the caller's ``pool=None``) still ends: after this
 # long (real clock) the fake gives up its slot accounting for that pool, notes it, and
@@ -73,11 +71,6 @@ MISSING_TIMEOUT_HELP = (
 _calling_pool: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "stallguard_calling_pool", default=None
 )
-
-
-def _failed(what: str, exc: BaseException) -> None:
-    """Our bookkeeping failed: note it once; the caller carries on without it."""
-    patching.hook_failed(OWNER, LIBRARY, what, exc)
 
 
 class _SlotWaitTooLong(RuntimeError):
@@ -273,22 +266,13 @@ class Upstream(Recorded):
             _failed("calls without a timeout", exc)
 
     def _end(self, call: Call, outcome: str, status: int | None = None) -> None:
-        try:
-            self._log.end(call, outcome, status)
-        except Exception as exc:
-            _failed("the call log", exc)
+        quietly("the call log", self._log.end, call, outcome, status)
 
     def _enter(self) -> None:
-        try:
-            self._log.enter()
-        except Exception as exc:
-            _failed("the call log", exc)
+        quietly("the call log", self._log.enter)
 
     def _leave(self) -> None:
-        try:
-            self._log.leave()
-        except Exception as exc:
-            _failed("the call log", exc)
+        quietly("the call log", self._log.leave)
 
     def _response(self, request: httpx.Request, call: Call, failed: bool) -> httpx.Response:
         status, body, headers = self._knobs.body(failed)
@@ -417,10 +401,7 @@ class Upstream(Recorded):
 
 
 def _note_pool_wait(seconds: float) -> None:
-    try:
-        note_http_pool_wait(seconds)
-    except Exception as exc:
-        _failed("pool waits", exc)
+    quietly("pool waits", note_http_pool_wait, seconds)
 
 
 # -- the pool wrappers ----------------------------------------------------------------------
@@ -482,7 +463,8 @@ class SlowUpstreams:
         self._upstreams: list[Upstream] = []
         self._servers: list[Server] = []
         self._router: respx.MockRouter | None = None
-        self._patches = patching.Patches(OWNER)
+        self._patches = patching.Patches(OWNER)  # the pool wrappers
+        self._router_patch = patching.Patches(OWNER)  # the respx router, started
         self._aslots: weakref.WeakKeyDictionary[object, _AsyncSlots] = weakref.WeakKeyDictionary()
         self._sslots: weakref.WeakKeyDictionary[object, _SyncSlots] = weakref.WeakKeyDictionary()
         self._slots_lock = threading.Lock()
@@ -557,6 +539,12 @@ class SlowUpstreams:
         router.route().mock(side_effect=self._side_effect)
         router.start()
         self._router = router
+        # Live and restorable like every patch of ours (restore_all on an interrupt); an
+        # older owner than the wrappers, so they come off first and respx then puts back
+        # exactly what it replaced.
+        self._router_patch.undo(
+            "respx router", functools.partial(router.stop, quiet=True), target="respx"
+        )
         try:
             # Above respx's own patch of the same methods: ours runs first and calls it.
             self._patches.wrap(
@@ -628,18 +616,14 @@ class SlowUpstreams:
 
     def close(self) -> None:
         """Restore the pool methods, stop the router, stop every served upstream."""
-        errors: list[BaseException] = []
         self._patches.restore()
-        if self._router is not None:
-            router, self._router = self._router, None
-            try:
-                router.stop(quiet=True)
-            except BaseException as exc:  # keep closing the servers
-                errors.append(exc)
+        self._router_patch.restore()
+        self._router = None
+        errors: list[BaseException] = []
         while self._servers:
             try:
                 self._servers.pop().close()
-            except BaseException as exc:
+            except BaseException as exc:  # keep closing the others
                 errors.append(exc)
         if errors:
             raise errors[0]

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..clock import real
-from .calls import Call, CallLog, Knobs, Recorded
+from .calls import Call, CallLog, Knobs, Recorded, quietly
 
 __all__ = ["Server", "serve"]
 
@@ -178,20 +178,21 @@ class _Handler(BaseHTTPRequestHandler):
             started=real.perf_counter(),
         )
         log = owner._log
-        log.begin(call)
-        log.enter()
+        quietly("the served upstream's call log", log.begin, call)
+        quietly("the served upstream's call log", log.enter)
         try:
             delay, failed = owner._knobs.draw()
             state = self.server.wait(self.connection, delay) if delay > 0 else "done"
             if state != "done":
                 if state == "gone":  # the client gave up while we were slow
-                    log.end(call, "cancelled")
+                    quietly("the served upstream's call log", log.end, call, "cancelled")
                 self.close_connection = True
                 return
             status, body, extra = owner._knobs.body(failed)
             # Recorded before the write: the client may read the response (and the test
             # look at .calls) before the write returns here.
-            log.end(call, "failed" if failed else "ok", status)
+            outcome = "failed" if failed else "ok"
+            quietly("the served upstream's call log", log.end, call, outcome, status)
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             for name, value in extra:
@@ -202,7 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(body)
         finally:
-            log.leave()
+            quietly("the served upstream's call log", log.leave)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = answer
 
