@@ -680,3 +680,22 @@ async def test_a_failing_call_log_does_not_change_the_served_answer(
             again = await outcome_of(lambda: c.get(server.url))
     assert intact == seen == again == (201, {"real": True})
     assert len(notes) == 1 and "cannot watch the served upstream's call log" in notes[0]
+
+
+async def test_a_users_router_started_before_ours_outlives_it(client: httpx.AsyncClient) -> None:
+    import respx
+
+    async_original = httpcore.AsyncConnectionPool.__dict__["handle_async_request"]
+    with respx.mock(assert_all_called=False) as user_router:
+        user_router.get("https://users.example/me").respond(json={"me": 1})
+        with slow_upstreams() as upstreams:
+            up = upstreams("https://payments.example", delay=0.01, json={"paid": True})
+            assert (await client.get("https://payments.example/")).json() == {"paid": True}
+            assert (await client.get("https://users.example/me")).json() == {"me": 1}
+        # Ours is gone, the user's router still answers.
+        assert [p for p in patching.live() if p.owner == "slow upstream"] == []
+        assert (await client.get("https://users.example/me")).json() == {"me": 1}
+        with pytest.raises(respx.models.AllMockedAssertionError):
+            await client.get("https://payments.example/")
+    assert httpcore.AsyncConnectionPool.__dict__["handle_async_request"] is async_original
+    assert len(up.calls) == 1
