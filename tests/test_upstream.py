@@ -389,7 +389,7 @@ async def wait_until(condition: Callable[[], bool], bound_s: float = 5.0) -> Non
 
 
 async def test_served_upstream_sees_a_client_that_gives_up_as_cancelled() -> None:
-    delay = 5.0
+    delay = 10.0
     with serve(delay=delay) as server:
         started = real.perf_counter()
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=0.1)) as c:
