@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,10 +13,13 @@ import httpcore
 import httpx
 import pytest
 from fastapi import FastAPI
+from respx.mocks import HTTPCoreMocker
 
-from pytest_stallguard import context
+from pytest_stallguard import context, patching, traps
+from pytest_stallguard.clock import real
 from pytest_stallguard.guard import Guard
-from pytest_stallguard.upstream import SlowUpstreams, serve, slow_upstreams
+from pytest_stallguard.upstream import Server, SlowUpstreams, fake, serve, slow_upstreams
+from pytest_stallguard.upstream.calls import CallLog
 
 # Everything here works on both backends (the fakes sleep with anyio, the server has its
 # own thread and loop).
@@ -306,7 +311,7 @@ def test_serve_from_sync_code_and_close_is_bounded() -> None:
         assert (response.status_code, response.json()) == (202, [1, 2])
     finally:
         server.close()
-    assert not server._thread.is_alive()
+    assert server.threads() == []
     with pytest.raises(httpx.ConnectError), httpx.Client(timeout=1.0) as c:
         c.get(server.url)
 
@@ -322,12 +327,37 @@ def test_close_restores_the_pool_methods_even_after_an_error() -> None:
         assert httpcore.AsyncConnectionPool.__dict__["handle_async_request"] is not (
             async_original
         )
+        assert {(p.owner, p.name) for p in patching.live()} >= {
+            ("slow upstream", "handle_async_request"),
+            ("slow upstream", "handle_request"),
+        }
         server = upstreams.serve()
         raise RuntimeError("boom")
     assert httpcore.AsyncConnectionPool.__dict__["handle_async_request"] is async_original
     assert httpcore.ConnectionPool.__dict__["handle_request"] is sync_original
-    assert not server._thread.is_alive()
+    assert [p for p in patching.live() if p.owner == "slow upstream"] == []
+    assert server.threads() == []
     upstreams.close()  # idempotent
+
+
+def test_restore_all_takes_the_router_off_too() -> None:
+    """What the plugin does when a run is interrupted: every patch of ours comes off,
+    the respx router we started included, and the pool methods are the originals."""
+    async_original = httpcore.AsyncConnectionPool.__dict__["handle_async_request"]
+    sync_original = httpcore.ConnectionPool.__dict__["handle_request"]
+    upstreams = SlowUpstreams()
+    upstreams("https://payments.example")
+    assert {(p.owner, p.target.rsplit(".")[-1], p.name) for p in patching.live()} == {
+        ("slow upstream", "respx", "respx router"),
+        ("slow upstream", "AsyncConnectionPool", "handle_async_request"),
+        ("slow upstream", "ConnectionPool", "handle_request"),
+    }
+    patching.restore_all()
+    assert patching.live() == []
+    assert httpcore.AsyncConnectionPool.__dict__["handle_async_request"] is async_original
+    assert httpcore.ConnectionPool.__dict__["handle_request"] is sync_original
+    assert HTTPCoreMocker.routers == []
+    upstreams.close()  # afterwards: nothing left to do, no error
 
 
 async def test_coexists_with_a_users_respx_router(upstreams: SlowUpstreams,
@@ -339,4 +369,333 @@ async def test_coexists_with_a_users_respx_router(upstreams: SlowUpstreams,
         user_router.get("https://users.example/me").respond(json={"me": 1})
         assert (await client.get("https://users.example/me")).json() == {"me": 1}
         assert (await client.get("https://payments.example/")).status_code == 200
+    assert len(up.calls) == 1
+
+
+# -- the loopback server: its own threads, the real clock, a bounded close -----------------
+
+
+def threads_of(server: Server) -> list[threading.Thread]:
+    """The server's threads, found the way a user would: by name, in threading.enumerate()."""
+    names = {f"stallguard-upstream-{server.port}", f"stallguard-upstream-{server.port}-conn"}
+    return [t for t in threading.enumerate() if t.name in names]
+
+
+async def wait_until(condition: Callable[[], bool], bound_s: float = 5.0) -> None:
+    deadline = real.monotonic() + bound_s
+    while not condition():
+        assert real.monotonic() < deadline, "condition not met in time"
+        await anyio.sleep(0.01)
+
+
+async def test_served_upstream_sees_a_client_that_gives_up_as_cancelled() -> None:
+    delay = 10.0
+    with serve(delay=delay) as server:
+        started = real.perf_counter()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0, read=0.1)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.get(server.url)
+            # The client closed its connection on the timeout; the server sees it while
+            # it is still being slow, not when its delay is over.
+            await wait_until(lambda: server.cancelled == 1)
+        noticed_s = real.perf_counter() - started
+        [call] = server.calls
+        assert call.outcome == "cancelled"
+        assert server.in_flight == 0
+    assert noticed_s < delay / 5
+
+
+async def test_close_is_bounded_drops_calls_in_flight_and_leaves_no_thread() -> None:
+    delay = 30.0
+    server = serve(delay=delay)
+    errors: list[type[BaseException]] = []
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(2 * delay)) as c:
+
+            async def one() -> None:
+                try:
+                    await c.get(server.url)
+                except httpx.HTTPError as exc:
+                    errors.append(type(exc))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(one)
+                await wait_until(lambda: server.in_flight == 3)
+                assert len(threads_of(server)) == 4  # the accept loop, one per connection
+                started = real.perf_counter()
+                server.close()
+                closing_s = real.perf_counter() - started
+    finally:
+        server.close()
+    assert closing_s < delay / 10
+    assert server.threads() == []
+    assert threads_of(server) == []
+    assert errors == [httpx.RemoteProtocolError] * 3  # the clients see it close: no hang
+    assert [call.outcome for call in server.calls] == ["pending"] * 3
+    assert server.in_flight == 0
+
+
+async def test_close_ends_idle_keep_alive_connections() -> None:
+    with serve() as server:
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(c.get, server.url)
+            assert server.connections == 2  # kept alive, their threads wait for a request
+            assert len(threads_of(server)) == 3
+            server.close()
+            assert server.threads() == []
+            assert threads_of(server) == []
+            assert server.connections == 0
+
+
+async def test_a_burst_of_connections_is_served_at_once() -> None:
+    """Sixty clients connect at the same moment: all are in flight together (a small
+    listen backlog would drop connection attempts, which clients retry a second later)."""
+    n = 60
+    with serve(delay=1.0) as server:
+        async with httpx.AsyncClient(
+            timeout=10.0, limits=httpx.Limits(max_connections=n)
+        ) as c, anyio.create_task_group() as tg:
+            for _ in range(n):
+                tg.start_soon(c.get, server.url)
+        assert server.max_in_flight == n
+        assert [call.outcome for call in server.calls] == ["ok"] * n
+
+
+def test_server_waits_on_the_real_clock_not_on_patched_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError("the server called time.sleep")
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    monkeypatch.setattr(time, "monotonic", lambda: 0.0)  # a clock that never moves
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.0)
+    delay = 0.3
+    with serve(delay=delay, json={"ok": True}) as server, httpx.Client(timeout=5.0) as c:
+        started = real.perf_counter()
+        assert c.get(server.url).json() == {"ok": True}
+        elapsed = real.perf_counter() - started
+    assert elapsed >= delay
+    assert server.calls[0].duration_ms is not None and server.calls[0].duration_ms >= delay * 1000
+    assert server.threads() == []
+
+
+def test_server_under_freeze_time() -> None:
+    freezegun = pytest.importorskip("freezegun")
+    delay = 0.3
+    with (
+        freezegun.freeze_time("2020-01-01"),
+        serve(delay=delay) as server,
+        httpx.Client(timeout=5.0) as c,
+    ):
+        started = real.perf_counter()
+        assert c.get(server.url).status_code == 200
+        elapsed = real.perf_counter() - started
+    assert elapsed >= delay
+    assert server.threads() == []
+
+
+async def test_traps_do_not_touch_the_served_upstream() -> None:
+    """The server's blocking sockets run in its own threads: never a finding, while a
+    blocking call in the app beside it is one (the traps were armed)."""
+    with serve(delay=0.05, json={"ok": 1}) as server:
+        async with httpx.AsyncClient(timeout=5.0) as upstream_client:
+            app = FastAPI()
+
+            @app.get("/proxy")
+            async def proxy() -> Any:
+                return (await upstream_client.get(server.url)).json()
+
+            @app.get("/blocking")
+            async def blocking() -> dict[str, bool]:
+                time.sleep(0.001)
+                return {"ok": True}
+
+            async with asgi_client(app) as test_client:
+                with Guard(threshold_ms=500, traps="record") as g:
+                    traps.install()
+                    try:
+                        for _ in range(3):
+                            assert (await test_client.get("/proxy")).json() == {"ok": 1}
+                        assert (await test_client.get("/blocking")).status_code == 200
+                    finally:
+                        traps.uninstall()
+        assert len(server.calls) == 3
+    assert [(f.kind, f.function) for f in g.findings] == [("blocking-call", "blocking")]
+
+
+# -- our bookkeeping fails: the app sees what it would have seen ---------------------------
+
+
+@pytest.fixture
+def notes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hook-failure notes of this test (each note is made once per process)."""
+    pending: list[str] = []
+    monkeypatch.setattr(patching, "_warned", set())
+    monkeypatch.setattr(patching, "_pending", pending)
+    return pending
+
+
+def broken(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("broken on purpose")
+
+
+async def broken_async(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("broken on purpose")
+
+
+# what to break -> (target, attribute, replacement, what the note names)
+BREAKS: dict[str, tuple[Any, str, Any, str]] = {
+    "log-begin": (CallLog, "begin", broken, "the call log"),
+    "log-end": (CallLog, "end", broken, "the call log"),
+    "log-enter": (CallLog, "enter", broken, "the call log"),
+    "log-leave": (CallLog, "leave", broken, "the call log"),
+    "slot-acquire": (fake._AsyncSlots, "acquire", broken_async, "pool slots"),
+    "slot-release": (fake._AsyncSlots, "release", broken, "pool slots"),
+    "pool-wait": (fake, "note_http_pool_wait", broken, "pool waits"),
+}
+
+
+async def outcome_of(call: Callable[[], Any]) -> tuple[Any, ...]:
+    """What the caller sees: status and body, or the exception, its cause and request."""
+    try:
+        response = await call()
+    except httpx.HTTPError as exc:
+        return type(exc), type(exc.__cause__), str(exc.request.url)
+    return response.status_code, response.json()
+
+
+@pytest.mark.parametrize("scenario", ["response", "read-timeout"])
+@pytest.mark.parametrize("what", list(BREAKS))
+async def test_failing_bookkeeping_leaves_the_call_unchanged(
+    upstreams: SlowUpstreams, monkeypatch: pytest.MonkeyPatch, notes: list[str],
+    what: str, scenario: str,
+) -> None:
+    delay, read = (0.01, 5.0) if scenario == "response" else (2.0, 0.05)
+    up = upstreams("https://payments.example", delay=delay, status=201, json={"paid": True})
+    limits = httpx.Limits(max_connections=2)  # slot accounting applies
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(5.0, read=read)) as c:
+
+        def call() -> Any:
+            return c.post("https://payments.example/charge")
+
+        intact = await outcome_of(call)
+        assert notes == []
+        target, name, replacement, note = BREAKS[what]
+        with monkeypatch.context() as m:
+            m.setattr(target, name, replacement)
+            seen = await outcome_of(call)
+        again = await outcome_of(call)  # and after, as before
+    expected = (
+        (201, {"paid": True}) if scenario == "response"
+        else (httpx.ReadTimeout, httpcore.ReadTimeout, "https://payments.example/charge")
+    )
+    assert intact == seen == again == expected
+    assert len(notes) == 1
+    assert f"slow upstream cannot watch {note} with httpx" in notes[0]
+    assert "RuntimeError: broken on purpose" in notes[0]
+    assert up.in_flight <= 1  # at most the one whose leave() was broken
+
+
+@pytest.mark.parametrize(
+    "what", [(fake._SyncSlots, "acquire", "pool slots"), (CallLog, "end", "the call log")],
+    ids=["slot-acquire", "log-end"],
+)
+def test_failing_bookkeeping_leaves_a_sync_call_unchanged(
+    upstreams: SlowUpstreams, monkeypatch: pytest.MonkeyPatch, notes: list[str],
+    what: tuple[Any, str, str],
+) -> None:
+    upstreams("https://payments.example", delay=0.01, json={"paid": True})
+    target, name, note = what
+    with httpx.Client(limits=httpx.Limits(max_connections=1), timeout=5.0) as c:
+        intact = c.get("https://payments.example/").json()
+        monkeypatch.setattr(target, name, broken)
+        seen = c.get("https://payments.example/").json()
+    assert intact == seen == {"paid": True}
+    assert len(notes) == 1 and f"cannot watch {note} with httpx" in notes[0]
+
+
+async def test_a_fake_that_cannot_match_lets_the_call_go_on(
+    upstreams: SlowUpstreams, monkeypatch: pytest.MonkeyPatch, notes: list[str]
+) -> None:
+    server = upstreams.serve(json={"real": True})
+    faked = upstreams(server.url, json={"fake": True})
+    async with httpx.AsyncClient(timeout=5.0) as c:
+        assert (await c.get(server.url)).json() == {"fake": True}
+        monkeypatch.setattr(fake.Upstream, "matches", broken)
+        assert (await c.get(server.url)).json() == {"real": True}  # as without the fake
+    assert (len(faked.calls), len(server.calls)) == (1, 1)
+    assert len(notes) == 1 and "cannot watch matching requests to fakes" in notes[0]
+
+
+async def test_a_finding_that_fails_does_not_reach_the_app(
+    upstreams: SlowUpstreams, monkeypatch: pytest.MonkeyPatch, notes: list[str]
+) -> None:
+    up = upstreams("https://payments.example", delay=0.01)
+    async with httpx.AsyncClient(timeout=None) as untimed, asgi_client(
+        checkout_app(untimed)
+    ) as test_client:
+        with Guard(threshold_ms=50) as g, monkeypatch.context() as m:
+            m.setattr(Guard, "record", broken)
+            response = await test_client.post("/checkout")
+    assert (response.status_code, response.json()) == (200, {"status": 200})
+    assert up.untimed == 1
+    assert g.findings == []
+    assert len(notes) == 1 and "cannot watch calls without a timeout" in notes[0]
+
+
+async def test_a_lost_slot_does_not_hang_a_call_without_pool_timeout(
+    upstreams: SlowUpstreams, monkeypatch: pytest.MonkeyPatch, notes: list[str]
+) -> None:
+    """A bug of ours that never gives a slot back: a caller with no pool timeout would
+    wait forever; the wait ends at the bound and the call goes on."""
+    monkeypatch.setattr(fake, "SLOT_WAIT_BOUND_S", 0.3)
+    monkeypatch.setattr(fake, "_RECHECK_S", 0.05)
+    monkeypatch.setattr(fake._AsyncSlots, "release", lambda self: None)
+    up = upstreams("https://payments.example", delay=0.01)
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(5.0, pool=None)) as c:
+        assert (await c.get("https://payments.example/")).status_code == 200
+        started = real.perf_counter()
+        assert (await c.get("https://payments.example/")).status_code == 200
+        waited = real.perf_counter() - started
+    assert waited >= fake.SLOT_WAIT_BOUND_S
+    assert [call.outcome for call in up.calls] == ["ok", "ok"]
+    assert len(notes) == 1 and "cannot watch pool slots" in notes[0]
+
+
+@pytest.mark.parametrize("name", ["begin", "enter", "end", "leave"])
+async def test_a_failing_call_log_does_not_change_the_served_answer(
+    monkeypatch: pytest.MonkeyPatch, notes: list[str], name: str
+) -> None:
+    with serve(delay=0.01, status=201, json={"real": True}) as server:
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            intact = await outcome_of(lambda: c.get(server.url))
+            with monkeypatch.context() as m:
+                m.setattr(CallLog, name, broken)
+                seen = await outcome_of(lambda: c.get(server.url))
+            again = await outcome_of(lambda: c.get(server.url))
+    assert intact == seen == again == (201, {"real": True})
+    assert len(notes) == 1 and "cannot watch the served upstream's call log" in notes[0]
+
+
+async def test_a_users_router_started_before_ours_outlives_it(client: httpx.AsyncClient) -> None:
+    import respx
+
+    async_original = httpcore.AsyncConnectionPool.__dict__["handle_async_request"]
+    with respx.mock(assert_all_called=False) as user_router:
+        user_router.get("https://users.example/me").respond(json={"me": 1})
+        with slow_upstreams() as upstreams:
+            up = upstreams("https://payments.example", delay=0.01, json={"paid": True})
+            assert (await client.get("https://payments.example/")).json() == {"paid": True}
+            assert (await client.get("https://users.example/me")).json() == {"me": 1}
+        # Ours is gone, the user's router still answers.
+        assert [p for p in patching.live() if p.owner == "slow upstream"] == []
+        assert (await client.get("https://users.example/me")).json() == {"me": 1}
+        with pytest.raises(respx.models.AllMockedAssertionError):
+            await client.get("https://payments.example/")
+    assert httpcore.AsyncConnectionPool.__dict__["handle_async_request"] is async_original
     assert len(up.calls) == 1
