@@ -2,7 +2,7 @@
 
 Plain script, no pytest::
 
-    /work/venv/bin/python bench/canary.py [--trials 15]
+    python bench/canary.py [--trials 15]
 
 Two endpoints under a burst of 50, with ``/health`` as the canary:
 

@@ -2,7 +2,7 @@
 
 Plain script, no pytest::
 
-    /work/venv/bin/python bench/overhead.py [--rounds 7] [--requests 2000]
+    python bench/overhead.py [--rounds 7] [--requests 2000]
 
 The app is one trivial FastAPI endpoint (``async def ping(): return {"ok": True}``); each
 measurement is ``client.burst("GET", "/ping", n=2000)`` inside ``running(...)``, in a

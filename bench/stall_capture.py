@@ -2,7 +2,7 @@
 
 Plain script, no pytest::
 
-    /work/venv/bin/python bench/stall_capture.py [--repeats 3] [--trials 15] [--seconds 4]
+    python bench/stall_capture.py [--repeats 3] [--trials 15] [--seconds 4]
 
 (a) Smallest stall captured in every trial, threshold 10 ms. For each hold (5, 8, 10, 12,
     15, 20 ms), ``--trials`` requests, one per trial via ``client.get``, to an endpoint that
