@@ -229,9 +229,25 @@ def _lend_fixtures_to_asyncio(item: pytest.Item, lend: bool) -> None:
                 fixturedef.func.__dict__.pop("_force_asyncio_fixture", None)
 
 
+SYNC_CLIENT_MESSAGE = (
+    "{test} requests stall_client, which serves the app on an event loop: make the test "
+    "`async def {name}(stall_client): ...` (it runs on anyio, no marker needed). A sync "
+    "test can use Starlette's TestClient instead; --stall-guard watches it."
+)
+
+
+def _check_sync_client(item: pytest.Item) -> None:
+    if not isinstance(item, pytest.Function) or "stall_client" not in item.fixturenames:
+        return
+    if not inspect.iscoroutinefunction(item.obj):
+        test = item.nodeid
+        pytest.fail(SYNC_CLIENT_MESSAGE.format(test=test, name=item.originalname), pytrace=False)
+
+
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     _lend_fixtures_to_asyncio(item, True)
+    _check_sync_client(item)
     if _is_ours(item) or item.config.stash[ALL_KEY]:
         try:
             settings = _settings_for(item)
@@ -357,6 +373,8 @@ def pytest_runtest_makereport(
     outcome = item.stash.get(OUTCOME_KEY, "passed")
     if report.when == "call":
         outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xfailed" if report.skipped else "xpassed"
     elif report.failed:
         outcome = "failed" if outcome == "failed" else "error"
     elif report.skipped and report.when == "setup":
@@ -383,6 +401,7 @@ class _Reporter:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.records: dict[str, TestRecord] = {}
+        self.written: list[tuple[str, Path]] = []
 
     def add(self, record: TestRecord) -> None:
         self.records[record.nodeid] = record
@@ -395,12 +414,14 @@ class _Reporter:
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         config = self.config
-        if not (config.getoption("--stall-report") or config.getini("stallguard_report")):
-            return
-        terminalreporter.section("stallguard report")
-        body = text_report.lines(self.records.values())
-        for line in body or ["no bursts, pools or findings recorded"]:
-            terminalreporter.write_line(line)
+        if config.getoption("--stall-report") or config.getini("stallguard_report"):
+            terminalreporter.section("stallguard report")
+            body = text_report.lines(self.records.values())
+            for line in body or ["no bursts, pools or findings recorded"]:
+                terminalreporter.write_line(line)
+            terminalreporter.write_line(text_report.totals(self.records.values()))
+        for what, path in self.written:
+            terminalreporter.write_line(f"stallguard: {what} report written to {path}")
 
     def pytest_sessionfinish(self) -> None:
         config = self.config
@@ -415,6 +436,7 @@ class _Reporter:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(report, indent=2) + "\n")
+            self.written.append(("JSON", target.resolve()))
         html_path = config.getoption("--stall-report-html")
         if html_path:
             from .report import html as html_report
@@ -422,6 +444,7 @@ class _Reporter:
             target = Path(html_path)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(html_report.render(report))
+            self.written.append(("HTML", target.resolve()))
 
 
 # -- fixtures -----------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from ..model import TestRecord
 
@@ -33,12 +36,7 @@ def lines(records: Iterable[TestRecord]) -> list[str]:
                     f"during p95 {c['p95_ms']:.1f} ms, max {c['max_ms']:.1f} ms, "
                     f"slowdown {c['slowdown']:.1f}x"
                 )
-        for p in data["pools"]:
-            out.append(
-                f"  pool {p['name']} ({p['kind']}, size {p['size']}): max in use "
-                f"{p['max_in_use']}, wait p95 {p['wait_p95_ms']:.1f} ms, max "
-                f"{p['wait_max_ms']:.1f} ms, timeouts {p['timeouts']}"
-            )
+        out.extend(_pool_lines(data["pools"]))
         for f in data["findings"]:
             place = f"{f['file']}:{f['line']}" if f["file"] else "?"
             dur = f" {f['duration_ms']:.1f} ms" if f["duration_ms"] is not None else ""
@@ -47,3 +45,41 @@ def lines(records: Iterable[TestRecord]) -> list[str]:
             call = f" {f['call']}" if f["call"] else ""
             out.append(f"  {f['kind']}{times}:{call}{dur}{req} at {place} ({f['function']})")
     return out
+
+
+def _pool_lines(pools: list[dict[str, Any]]) -> list[str]:
+    """One line per pool; pools of one kind and name made many times (a client per
+    request: "httpx pool", "httpx pool #2", ...) fold into one line."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in pools:
+        base = re.sub(r" #\d+$", "", p["name"])
+        groups.setdefault((base, p["kind"]), []).append(p)
+    out: list[str] = []
+    for (base, kind), members in groups.items():
+        if len(members) == 1:
+            p = members[0]
+            out.append(
+                f"  pool {p['name']} ({kind}, size {p['size']}): max in use "
+                f"{p['max_in_use']}, wait p95 {p['wait_p95_ms']:.1f} ms, max "
+                f"{p['wait_max_ms']:.1f} ms, timeouts {p['timeouts']}"
+            )
+            continue
+        once = sum(1 for p in members if p["max_in_use"] <= 1)
+        use = "each used once" if once == len(members) else f"{once} of them used once"
+        out.append(
+            f"  pool {base} ({kind}) x{len(members)}: {len(members)} created, {use}; "
+            f"wait max {max(p['wait_max_ms'] for p in members):.1f} ms, "
+            f"timeouts {sum(p['timeouts'] for p in members)}"
+        )
+    return out
+
+
+def totals(records: Iterable[TestRecord]) -> str:
+    """The last line: tests armed, how they ended, bursts, findings by kind."""
+    records = list(records)
+    outcomes = Counter(r.outcome for r in records)
+    kinds: Counter[str] = Counter(f.kind for r in records for f in r.findings)
+    bursts = sum(len(r.bursts) + len(r.raw_bursts) for r in records)
+    ended = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items()))
+    found = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())) or "none"
+    return f"stallguard: {len(records)} tests armed ({ended}); {bursts} bursts; findings: {found}"

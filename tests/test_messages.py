@@ -1,0 +1,67 @@
+"""Messages and reports a user can act on: outcomes, totals, folded pools, where files went."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_stallguard.model import PoolStats, TestRecord
+from pytest_stallguard.plugin import SYNC_CLIENT_MESSAGE
+from pytest_stallguard.report import text
+
+
+def test_a_sync_test_asking_for_stall_client_is_told_to_be_async(shop: pytest.Pytester) -> None:
+    shop.makepyfile(
+        """
+        def test_sync(stall_client):
+            stall_client.get("/health")
+        """
+    )
+    result = shop.runpytest("-p", "no:asyncio")
+    result.assert_outcomes(errors=1)
+    expected = SYNC_CLIENT_MESSAGE.format(test="test_a_sync_test_asking_for_stall_client_is_told_to_be_async.py::test_sync", name="test_sync")
+    result.stdout.fnmatch_lines([expected.replace("[", "[[]")])
+
+
+def test_xfailed_tests_are_xfailed_in_the_report_with_totals_and_paths(
+    shop: pytest.Pytester,
+) -> None:
+    shop.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.xfail(strict=True)
+        async def test_expected(stall_client, stall_guard):
+            with stall_guard.only():
+                time.sleep(0.01)
+
+        async def test_fine(stall_client):
+            assert (await stall_client.get("/health")).status_code == 200
+        """
+    )
+    result = shop.runpytest(
+        "-p", "no:asyncio", "--stall-report", "--stall-report-json=out/r.json"
+    )
+    result.assert_outcomes(passed=1, xfailed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_expected[[]asyncio[]] [[]xfailed[]]",
+            "stallguard: 2 tests armed (1 passed, 1 xfailed); 0 bursts; findings: blocking-call x1",
+            f"stallguard: JSON report written to {shop.path / 'out' / 'r.json'}",
+        ]
+    )
+    report = json.loads((shop.path / "out" / "r.json").read_text())
+    assert sorted(t["outcome"] for t in report["tests"]) == ["passed", "xfailed"]
+
+
+def test_many_pools_of_one_name_fold_into_one_line() -> None:
+    pools = [PoolStats(name="httpx pool" + (f" #{i}" if i > 1 else ""), kind="httpx", size=100,
+                       max_in_use=1, waits_ms=(0.1,)) for i in range(1, 31)]
+    pools.append(PoolStats(name="asyncpg pool", kind="asyncpg", size=10, max_in_use=4))
+    lines = text.lines([TestRecord(nodeid="t", pools=pools)])
+    pool_lines = [line for line in lines if line.strip().startswith("pool ")]
+    assert len(pool_lines) == 2
+    assert "x30: 30 created, each used once" in pool_lines[0]
+    assert pool_lines[1].startswith("  pool asyncpg pool (asyncpg, size 10)")
