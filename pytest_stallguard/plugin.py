@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import traceback
 import warnings
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
@@ -450,6 +451,21 @@ class _Reporter:
 # -- fixtures -----------------------------------------------------------------------------
 
 
+def startup_failure(exc: BaseException, when: str) -> str:
+    """The user's exception first, with the frames of their code, then one line saying
+    when it happened; no pages of anyio and asgi-lifespan frames."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if location.is_user_file(f.filename)
+    ]
+    lines = ["".join(traceback.format_exception_only(type(exc), exc)).rstrip()]
+    for f in frames:
+        lines.append(f"  {location.relative(f.filename)}:{f.lineno} in {f.name}")
+        if f.line:
+            lines.append(f"    {f.line.strip()}")
+    lines.append(f"(This happened {when}, before the test body ran.)")
+    return "\n".join(lines)
+
+
 def _run_of(request: pytest.FixtureRequest) -> GuardRun:
     run: GuardRun | None = request.node.stash.get(RUN_KEY, None)
     if run is None:  # used from a fixture of a broader scope: no test to arm
@@ -474,7 +490,10 @@ def stall_app(request: pytest.FixtureRequest) -> Any:
     try:
         return load_app(spec)
     except AppLoadError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        failure = str(exc)
+    except Exception as exc:  # the user's factory raised: their error, not our frames
+        failure = startup_failure(exc, f"while stallguard_app = {spec!r} built the app")
+    pytest.fail(failure, pytrace=False)  # outside the except: no chained trace
 
 
 @pytest.fixture
@@ -508,13 +527,18 @@ async def stall_client(
         async with running(stall_app, run.settings, run.guard) as client:
             run.client = client
             yield client
+        return
     except TimeoutError as exc:
-        if run.client is None:
-            pytest.fail(
-                f"the app's lifespan startup did not finish within "
-                f"{run.settings.startup_timeout:g} s (stallguard startup_timeout). Raise it "
-                "with the stallguard_startup_timeout ini or the marker's startup_timeout=, "
-                f"or find what startup waits on. ({exc!r})",
-                pytrace=False,
-            )
-        raise
+        if run.client is not None:
+            raise
+        failure = (
+            f"the app's lifespan startup did not finish within "
+            f"{run.settings.startup_timeout:g} s (stallguard startup_timeout). Raise it "
+            "with the stallguard_startup_timeout ini or the marker's startup_timeout=, "
+            f"or find what startup waits on. ({exc!r})"
+        )
+    except Exception as exc:
+        if run.client is not None:
+            raise
+        failure = startup_failure(exc, "during the app's lifespan startup")
+    pytest.fail(failure, pytrace=False)  # outside the except: no chained trace

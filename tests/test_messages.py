@@ -65,3 +65,51 @@ def test_many_pools_of_one_name_fold_into_one_line() -> None:
     assert len(pool_lines) == 2
     assert "x30: 30 created, each used once" in pool_lines[0]
     assert pool_lines[1].startswith("  pool asyncpg pool (asyncpg, size 10)")
+
+
+@pytest.mark.parametrize("where", ["lifespan", "factory"])
+def test_a_startup_that_raises_shows_the_users_error_first(
+    pytester: pytest.Pytester, where: str
+) -> None:
+    pytester.makepyfile(
+        myapp="""
+        from contextlib import asynccontextmanager
+        from fastapi import FastAPI
+
+        def connect():
+            raise RuntimeError("database is down")  # RAISE-LINE
+
+        @asynccontextmanager
+        async def lifespan(app):
+            connect()
+            yield
+
+        def create_app():
+            return FastAPI(lifespan=lifespan)
+
+        def broken_factory():
+            connect()
+        """
+    )
+    spec = "myapp:create_app()" if where == "lifespan" else "myapp:broken_factory()"
+    pytester.makeini(f"[pytest]\nstallguard_app = {spec}\n")
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        async def test_it(stall_client):
+            pass
+        """
+    )
+    result = pytester.runpytest("-p", "no:asyncio")
+    result.assert_outcomes(errors=1)
+    when = "during the app's lifespan startup" if where == "lifespan" else "built the app"
+    result.stdout.fnmatch_lines(
+        [
+            "RuntimeError: database is down",
+            "*myapp.py:* in connect",
+            '*raise RuntimeError("database is down")*',
+            f"(This happened *{when}*, before the test body ran.)",
+        ]
+    )
+    out = result.stdout.str()
+    assert "asgi_lifespan" not in out and "anyio/" not in out
