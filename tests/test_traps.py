@@ -30,7 +30,7 @@ import pytest
 import requests
 from fastapi import FastAPI
 
-from pytest_stallguard import context, traps
+from pytest_stallguard import context, patching, traps
 from pytest_stallguard.errors import BlockingCallError
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.model import Finding
@@ -470,14 +470,22 @@ def _originals() -> dict[str, object]:
     }
 
 
+def _live_traps() -> list[patching.Live]:
+    return [item for item in patching.live() if item.owner == traps.OWNER]
+
+
 def test_install_patches_and_uninstall_restores_exactly() -> None:
     before = _originals()
     socket_dict = dict(vars(socket.socket))
-    assert not traps.installed()
+    assert not _live_traps()
     traps.install()
+    live = _live_traps()
     traps.install()  # idempotent
     try:
-        assert traps.installed()
+        assert _live_traps() == live
+        assert {f"{item.target}.{item.name}" for item in live} >= {
+            "time.sleep", "builtins.open", "sqlite3.connect", "socket.socket.connect"
+        }
         during = _originals()
         assert all(during[name] is not before[name] for name in before), [
             name for name in before if during[name] is before[name]
@@ -485,13 +493,12 @@ def test_install_patches_and_uninstall_restores_exactly() -> None:
     finally:
         traps.uninstall()
     traps.uninstall()  # idempotent
-    assert not traps.installed()
+    assert not _live_traps()
     after = _originals()
     assert all(after[name] is before[name] for name in before)
     assert time.sleep is before["time.sleep"]
     assert builtins.open is io.open is before["builtins.open"]
     assert dict(vars(socket.socket)) == socket_dict  # shadowing attributes removed
-    assert list(traps.patched()) == []
 
 
 def test_failed_install_restores_what_it_had_patched(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -505,7 +512,7 @@ def test_failed_install_restores_what_it_had_patched(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(traps, "_patch_all", half_then_fail)
     with pytest.raises(RuntimeError, match="patching failed"):
         traps.install()
-    assert not traps.installed()
+    assert not _live_traps()
     assert _originals() == before
     assert all(_originals()[name] is before[name] for name in before)
 
