@@ -63,6 +63,9 @@ class RequestInfo:
 _current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
     "stallguard_request", default=None
 )
+# The same variable, for hot paths that cannot afford a function call (the traps' fast
+# path: ``current_var.get() is None`` means no request, no lifespan, no window).
+current_var = _current
 # Set by ``stall_guard.paused()``: measurement off in this context.
 _paused: contextvars.ContextVar[bool] = contextvars.ContextVar("stallguard_paused", default=False)
 

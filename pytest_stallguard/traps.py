@@ -49,7 +49,8 @@ A trap fires only for code running on the loop thread for a request
 worker threads (``def`` endpoints, ``anyio.to_thread``, ``asyncio.to_thread``).
 ``record`` mode runs the call, times it and records after it returns (also when it
 raises); ``raise`` mode records, then raises :class:`BlockingCallError` instead of making
-the call. With no guard active every wrapper checks one global and calls through.
+the call. With no guard active, or outside any request, every wrapper checks a global and
+a context variable and calls through.
 
 Our bookkeeping never reaches the app: when deciding, locating or recording fails, the
 app's call runs once as without the plugin, the trap turns itself off until the next
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import importlib
 import io
 import logging
 import logging.handlers
@@ -77,6 +79,7 @@ from typing import Any
 
 from . import context, guard, patching
 from .clock import real
+from .context import current_var as _request
 from .errors import BlockingCallError
 from .location import _PLUGIN_DIR, is_user_file, user_location
 from .model import DOCS
@@ -341,18 +344,30 @@ class _Unbound:
         functools.update_wrapper(self, link.next)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if guard._active is None:  # fast path: no guard, nothing to check
+        if guard._active is None or _request.get() is None:  # fast path: nothing to check
             return self._link.next(*args, **kwargs)
         return _through(self._spec, self._link.next, args, kwargs)
 
     def __get__(self, obj: object, objtype: type | None = None) -> _Unbound:
         return self
 
-    def __reduce__(self) -> str:
-        return str(self.__qualname__)  # type: ignore[attr-defined]
+    def __reduce__(self) -> tuple[Any, ...]:
+        # By name, as the builtin pickles: ``posix.read`` for ``os.read``.
+        wrapped = self.__wrapped__  # type: ignore[attr-defined]
+        return (getattr, (_ModuleRef(wrapped.__module__), wrapped.__qualname__))
 
     def __repr__(self) -> str:
         return f"<stallguard trap of {self.__wrapped__!r}>"  # type: ignore[attr-defined]
+
+
+class _ModuleRef:
+    """Pickles as ``importlib.import_module(name)`` (a module cannot be pickled itself)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (importlib.import_module, (self.name,))
 
 
 def _bound_trap(spec: _Spec, link: patching.Link) -> Callable[..., Any]:
@@ -360,7 +375,7 @@ def _bound_trap(spec: _Spec, link: patching.Link) -> Callable[..., Any]:
 
     @functools.wraps(link.next)
     def trap(*args: Any, **kwargs: Any) -> Any:
-        if guard._active is None:  # fast path: no guard, nothing to check
+        if guard._active is None or _request.get() is None:  # fast path: nothing to check
             return link.next(*args, **kwargs)
         return _through(spec, link.next, args, kwargs)
 
@@ -464,7 +479,7 @@ class _SqliteConnect(_Unbound):
     callback, so its statements are seen without changing its type."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if guard._active is None:
+        if guard._active is None or _request.get() is None:
             conn = self._link.next(*args, **kwargs)
         else:
             conn = _through(self._spec, self._link.next, args, kwargs)
@@ -494,7 +509,9 @@ def _observe(conn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
 
 def _sqlite_trace(statement: str) -> None:
     """sqlite3 calls this as each statement starts, on the thread running it."""
-    if guard._active is None or not _armed or _SQLITE_STATEMENTS.off:
+    if guard._active is None or _request.get() is None or not _armed:
+        return
+    if _SQLITE_STATEMENTS.off:
         return
     if getattr(_tls, "inside", False):
         return

@@ -9,6 +9,7 @@ import asyncio
 import builtins
 import contextlib
 import http.server
+import inspect
 import io
 import logging
 import os
@@ -217,8 +218,131 @@ def make_app(tmp: Path, url: str) -> FastAPI:
         logging.getLogger("stallguard.test.console").warning("to the console")
         return {}
 
+    # ---- wrappers stored on a class built while armed (the class is built per request)
+    @app.get("/held/{name}")
+    async def held(name: str) -> dict[str, Any]:
+        module, attr, use = HELD[name]
+        fn = getattr(module, attr)
+
+        class Holder:
+            f = fn
+
+        out: dict[str, Any] = {"binds": inspect.ismethod(Holder().f)}
+        for how, get in (("module", lambda: fn), ("class", lambda: Holder.f),
+                         ("instance", lambda: Holder().f)):
+            try:
+                out[how] = ["ok", use(get(), data)]
+            except Exception as exc:
+                out[how] = ["error", type(exc).__name__]
+        return out
+
+    @app.get("/subclasses")
+    async def subclasses() -> dict[str, Any]:
+        class Sock(socket.socket):
+            pass
+
+        class Proc(subprocess.Popen):  # type: ignore[type-arg]
+            pass
+
+        class Handler(logging.StreamHandler):  # type: ignore[type-arg]
+            pass
+
+        sock = Sock()
+        try:
+            sock.settimeout(5)
+            sock.connect((host, int(port)))
+            peer = sock.getpeername()[0]
+        finally:
+            sock.close()
+        proc = Proc(["true"])
+        stream = io.StringIO()
+        handler = Handler(stream)
+        handler.handle(logging.makeLogRecord({"msg": "hi"}))
+        return {"peer": peer, "rc": proc.wait(), "logged": stream.getvalue()}
+
+    # ---- sqlite3 on a connection the app made earlier (lifespan-like): app.state.db
+    @app.get("/sqlite-later")
+    async def sqlite_later() -> dict[str, Any]:
+        db = app.state.db
+        db.execute("create table if not exists t (x)")  # at: later-create
+        db.executemany("insert into t values (?)", [(1,), (2,)])  # at: later-many
+        db.commit()  # at: later-commit
+        cur = db.cursor()
+        cur.executescript("select 1; select 2;")  # at: later-script
+        return {"n": db.execute("select count(*) from t").fetchone()[0]}  # at: later-count
+
+    @app.get("/sqlite-made")
+    async def sqlite_made() -> dict[str, Any]:
+        factory = app.state.factory
+        conn = sqlite3.connect(":memory:") if factory is None else sqlite3.connect(
+            ":memory:", factory=factory
+        )
+        app.state.made.append(conn)
+        return {"type": type(conn).__qualname__, "one": conn.execute("select 1").fetchone()[0]}
+
     app.state.log = log
+    app.state.made = []
+    app.state.factory = None
     return app
+
+
+def _read_with(f: Any, data: Path) -> str:
+    with f(data) as fh:
+        return str(fh.read())
+
+
+def _pipe_read(f: Any, data: Path) -> str:
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        return str(f(r, 1).decode())
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _pipe_write(f: Any, data: Path) -> int:
+    r, w = os.pipe()
+    try:
+        return int(f(w, b"xy"))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def _sqlite_one(f: Any, data: Path) -> list[Any]:
+    conn = f(":memory:")
+    try:
+        return [type(conn).__qualname__, conn.execute("select 1").fetchone()[0]]
+    finally:
+        conn.close()
+
+
+# Every module-level callable the traps wrap, with a call of it that works when it is
+# called the way the original can be called (through a class when it does not bind).
+HELD: dict[str, tuple[Any, str, Any]] = {
+    "time.sleep": (time, "sleep", lambda f, d: f(0.001)),
+    "socket.getaddrinfo": (
+        socket, "getaddrinfo", lambda f, d: sorted({a[4][0] for a in f("localhost", 80)})
+    ),
+    "socket.gethostbyname": (socket, "gethostbyname", lambda f, d: f("localhost")),
+    "socket.gethostbyname_ex": (socket, "gethostbyname_ex", lambda f, d: f("localhost")[0]),
+    "builtins.open": (builtins, "open", _read_with),
+    "io.open": (io, "open", _read_with),
+    "os.read": (os, "read", _pipe_read),
+    "os.write": (os, "write", _pipe_write),
+    "os.system": (os, "system", lambda f, d: f("true")),
+    "sqlite3.connect": (sqlite3, "connect", _sqlite_one),
+    "sqlite3.dbapi2.connect": (sqlite3.dbapi2, "connect", _sqlite_one),
+    "subprocess.run": (subprocess, "run", lambda f, d: f(["true"]).returncode),
+    "subprocess.call": (subprocess, "call", lambda f, d: f(["true"])),
+    "subprocess.check_call": (subprocess, "check_call", lambda f, d: f(["true"])),
+    "subprocess.check_output": (subprocess, "check_output", lambda f, d: f(["echo", "hi"]).decode()),
+    "subprocess.getoutput": (subprocess, "getoutput", lambda f, d: f("echo hi")),
+    "subprocess.getstatusoutput": (
+        subprocess, "getstatusoutput", lambda f, d: list(f("echo hi"))
+    ),
+}
 
 
 def blocking_work(data: Path, url: str) -> dict[str, Any]:
@@ -260,6 +384,17 @@ def app(tmp_path: Path, loopback: str) -> Iterator[FastAPI]:
     for handler in list(application.state.log.handlers):
         application.state.log.removeHandler(handler)
         handler.close()
+    for conn in [*application.state.made, getattr(application.state, "db", None)]:
+        if conn is not None:
+            conn.close()
+
+
+@contextlib.asynccontextmanager
+async def plain(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The same client as :func:`armed`, with no trap and no guard: the app as it is."""
+    transport = httpx.ASGITransport(app=context.attributed(app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
 
 
 # -- broken: one test per call family ------------------------------------------------------
@@ -532,3 +667,147 @@ def test_exemption_list_names_modules() -> None:
     assert "importlib" in traps.EXEMPT_MODULES
     assert traps._module_exempt("importlib.metadata")
     assert not traps._module_exempt("importlibx")
+
+
+
+# -- wrappers behave like what they replace ----------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+@pytest.mark.parametrize("name", list(HELD))
+async def test_trap_stored_on_a_class_answers_as_without_the_plugin(
+    app: FastAPI, name: str
+) -> None:
+    # ``class Holder: f = time.sleep`` built while armed, then ``Holder().f(0.001)``: a
+    # builtin does not bind, so this works without the plugin and must work with it; a
+    # Python function binds (and fails the same way with and without).
+    async with plain(app) as client:
+        without = await client.get(f"/held/{name}")
+    async with armed(app) as (client, _guard):
+        under = await client.get(f"/held/{name}")
+    assert without.status_code == under.status_code == 200, under.text
+    assert under.json() == without.json()
+    module, attr, _ = HELD[name]
+    if not hasattr(type(getattr(module, attr)), "__get__"):  # a builtin
+        assert without.json()["instance"][0] == "ok"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"], indirect=True)
+async def test_subclasses_built_while_armed_answer_as_without(app: FastAPI) -> None:
+    async with plain(app) as client:
+        without = await client.get("/subclasses")
+    async with armed(app) as (client, guard):
+        under = await client.get("/subclasses")
+    assert without.status_code == under.status_code == 200, under.text
+    assert under.json() == without.json() == {"peer": "127.0.0.1", "rc": 0, "logged": "hi\n"}
+    assert {f.call for f in guard.findings} == {"socket", "subprocess"}  # still trapped
+
+
+def _trapped_attributes() -> list[tuple[Any, str]]:
+    return [
+        (time, "sleep"),
+        *[(socket.socket, m) for m in traps._SOCKET_METHODS],
+        (socket, "getaddrinfo"),
+        (socket, "gethostbyname"),
+        (socket, "gethostbyname_ex"),
+        (builtins, "open"),
+        (io, "open"),
+        (os, "read"),
+        (os, "write"),
+        (os, "system"),
+        (sqlite3, "connect"),
+        (sqlite3.dbapi2, "connect"),
+        (subprocess.Popen, "__init__"),
+        (subprocess.Popen, "wait"),
+        (subprocess.Popen, "communicate"),
+        *[(subprocess, f) for f in traps._SUBPROCESS_FUNCTIONS],
+        (logging.Handler, "handle"),
+    ]
+
+
+def _dotted(target: Any, name: str) -> str:
+    where = target.__name__ if not isinstance(target, type) else (
+        f"{target.__module__}.{target.__qualname__}"
+    )
+    return f"{where}.{name}"
+
+
+def _signature(obj: Any) -> inspect.Signature | str:
+    try:
+        return inspect.signature(obj)
+    except ValueError as exc:  # builtins without one (time.sleep in 3.11)
+        return f"no signature: {type(exc).__name__}"
+
+
+def _stays_itself(func: Any) -> bool:
+    """Stored on a class, is it the same object on an instance (a builtin), or does it
+    bind (a function: a bound method; a C method descriptor: bound, or a TypeError)?"""
+
+    class Holder:
+        f = func
+
+    try:
+        return Holder().f is func
+    except TypeError:
+        return False
+
+
+def test_every_trap_keeps_signature_metadata_and_binding() -> None:
+    attributes = _trapped_attributes()
+    originals = {(t, n): getattr(t, n) for t, n in attributes}
+    traps.install()
+    try:
+        live = {f"{item.target}.{item.name}" for item in _live_traps()}
+        assert live - {"sys.audit.audit hook"} == {_dotted(t, n) for t, n in attributes}
+        for (target, name), original in originals.items():
+            trap = getattr(target, name)
+            where = _dotted(target, name)
+            assert trap is not original, where
+            assert trap.__wrapped__ is original, where
+            for meta in ("__name__", "__qualname__", "__doc__", "__module__"):
+                if hasattr(original, meta):
+                    assert getattr(trap, meta) == getattr(original, meta), (where, meta)
+            assert _signature(trap) == _signature(original), where
+            assert inspect.isroutine(trap) == inspect.isroutine(original), where
+            # binds on a class exactly when the original does
+            assert _stays_itself(trap) == _stays_itself(original), where
+    finally:
+        traps.uninstall()
+    assert {(t, n): getattr(t, n) for t, n in attributes} == originals
+
+
+def test_builtin_traps_pickle_as_the_builtins_do() -> None:
+    import pickle
+
+    traps.install()
+    try:
+        for func in (time.sleep, open, os.read, os.system, sqlite3.connect):
+            back = pickle.loads(pickle.dumps(func))
+            assert back is func or back is func.__wrapped__, func  # posix.read: the builtin
+        assert pickle.loads(pickle.dumps(time.sleep)) is time.sleep
+    finally:
+        traps.uninstall()
+
+
+def test_layers_of_other_owners_come_off_in_any_order() -> None:
+    original = time.sleep
+    other = patching.Patches("someone else")
+    calls: list[str] = []
+
+    def make(link: patching.Link) -> Any:
+        def outer(seconds: float) -> None:
+            calls.append("outer")
+            link.next(seconds)
+
+        return outer
+
+    traps.install()
+    other.wrap(time, "sleep", make)
+    traps.uninstall()  # ours comes off from under the other layer
+    time.sleep(0)
+    assert calls == ["outer"]
+    assert not _live_traps()
+    other.restore()
+    assert time.sleep is original
