@@ -24,12 +24,13 @@ Three mechanisms, one finding per call:
 * **sqlite3's trace callback** for statements: ``sqlite3.Connection`` is a C type that
   cannot be patched, and the connection must keep its type (the user's factory class, or
   ``sqlite3.Connection``). A connection made through ``sqlite3.connect`` while the traps
-  are installed gets our trace callback, unless a factory of the user's with its own
-  ``__init__`` (which may have set one) made it; a callback the user sets later replaces
-  ours, as it would replace any. The callback runs as each statement starts (``execute``,
-  ``executemany``, ``executescript``, ``COMMIT``), so these findings are not timed and
-  raise mode cannot raise there (sqlite3 swallows a callback's exception); outside a
-  guard it returns at once.
+  are installed gets our trace callback for its life (so a connection opened in one test
+  is still watched in the next), unless a factory of the user's with its own ``__init__``
+  (which may have set one) made it, or it belongs to a worker thread that no loop runs
+  in; a callback the user sets later replaces ours, as it would replace any. The callback
+  runs as each statement starts (``execute``, ``executemany``, ``executescript``,
+  ``COMMIT``), so these findings are not timed and raise mode cannot raise there (sqlite3
+  swallows a callback's exception); outside a guard it returns at once.
 * **An audit hook** (``sys.addaudithook``, added once, never removable, a no-op while
   not installed: it filters on the event name first) for names bound before patching: it
   sees ``open``, ``socket.connect``, ``socket.getaddrinfo``, ``socket.gethostbyname``,
@@ -72,6 +73,7 @@ import subprocess
 import sys
 import threading
 import time
+from asyncio import _get_running_loop as asyncio_running_loop
 from collections import deque
 from collections.abc import Callable
 from types import FrameType
@@ -488,23 +490,44 @@ class _SqliteConnect(_Unbound):
 
 
 def _observe(conn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Give a new connection our trace callback, unless code of the user's may have set one.
+    """Give a new connection our trace callback, unless code of the user's may have set one
+    or it can never run on an event loop.
 
     ``sqlite3.Connection`` and factory classes that do not define ``__init__`` ran no code
     of the user's; a factory with its own ``__init__`` (or a factory that is not a class)
-    may have set a trace callback, which cannot be read back: those are left alone.
+    may have set a trace callback, which cannot be read back: those are left alone. So is
+    a connection made in a worker thread with ``check_same_thread`` on (aiosqlite's, a
+    ``def`` endpoint's): only that thread may use it, and no loop runs there.
+
+    The callback stays for the connection's life (taking it off again could remove one the
+    user set since, and from another thread could deadlock with a statement starting);
+    while no guard is active it returns at once. What remains is sqlite3's own cost of a
+    trace callback: it expands the bound parameters into the statement text first.
     """
     try:
         factory = kwargs.get("factory", args[5] if len(args) > 5 else sqlite3.Connection)
+        same_thread = kwargs.get("check_same_thread", args[4] if len(args) > 4 else True)
         if (
             isinstance(factory, type)
             and type(conn) is factory
             and factory.__init__ is sqlite3.Connection.__init__
+            and (not same_thread or _loop_may_run_here())
         ):
             connection: Any = conn
             connection.set_trace_callback(_sqlite_trace)
     except Exception as exc:
         patching.hook_failed(OWNER, "sqlite3", "sqlite3 connections", exc)
+
+
+def _loop_may_run_here() -> bool:
+    """The main thread (where pytest runs the test's loop), or a thread running a loop."""
+    if threading.current_thread() is threading.main_thread():
+        return True
+    if asyncio_running_loop() is not None:
+        return True
+    trio = sys.modules.get("trio")
+    in_trio_run = getattr(getattr(trio, "lowlevel", None), "in_trio_run", None)
+    return bool(in_trio_run()) if in_trio_run is not None else False
 
 
 def _sqlite_trace(statement: str) -> None:

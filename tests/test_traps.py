@@ -1157,3 +1157,56 @@ def test_the_audit_hook_is_a_cheap_no_op_when_disarmed() -> None:
     ratio = statistics.median(samples)
     print(f"disarmed audit hook vs an empty function: {ratio:.2f}x")
     assert ratio < 2.0  # one dict lookup and a flag in front of the return
+
+
+@pytest.mark.parametrize("same_thread", [True, False])
+def test_worker_thread_connections_get_no_trace_callback_they_cannot_use(
+    same_thread: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    traced: list[tuple[str, str]] = []  # what reached the callback we attach, and where
+
+    def recording(statement: str) -> None:
+        traced.append((threading.current_thread().name, statement))
+
+    monkeypatch.setattr(traps, "_sqlite_trace", recording)
+
+    def worker() -> None:
+        conn = sqlite3.connect(":memory:", check_same_thread=same_thread)
+        conn.execute("select 'worker'")
+        conn.close()
+
+    traps.install()
+    try:
+        main = sqlite3.connect(":memory:")
+        main.execute("select 'main'")
+        thread = threading.Thread(target=worker, name="worker")
+        thread.start()
+        thread.join(5)
+        main.close()
+    finally:
+        traps.uninstall()
+    # the main thread runs the test's loop: traced. A worker thread's own connection never
+    # runs on a loop: not traced (no cost); one it may hand over to the loop is.
+    expected = [("MainThread", "select 'main'")]
+    if not same_thread:
+        expected.append(("worker", "select 'worker'"))
+    assert traced == expected
+
+
+def test_a_failure_watching_a_new_connection_leaves_it_working(
+    monkeypatch: pytest.MonkeyPatch, warnings_noted: None
+) -> None:
+    def boom() -> bool:
+        raise RuntimeError("forced failure in _loop_may_run_here")
+
+    monkeypatch.setattr(traps, "_loop_may_run_here", boom)
+    traps.install()
+    try:
+        conn = sqlite3.connect(":memory:", factory=PlainFactory)
+    finally:
+        traps.uninstall()
+    assert type(conn) is PlainFactory
+    assert conn.execute("select 41 + 1").fetchone() == (42,)
+    conn.close()
+    (note,) = patching.take_warnings()
+    assert note.startswith("stallguard: traps cannot watch sqlite3 connections with sqlite3 ")
