@@ -530,13 +530,18 @@ def _loop_may_run_here() -> bool:
     return bool(in_trio_run()) if in_trio_run is not None else False
 
 
+# The BEGIN sqlite3 issues before a write in its default transaction handling takes no
+# lock (a deferred transaction): not a wait, and not a second finding for the write's line.
+_LOCK_FREE_BEGINS = frozenset({"BEGIN ", "BEGIN", "BEGIN DEFERRED"})
+
+
 def _sqlite_trace(statement: str) -> None:
     """sqlite3 calls this as each statement starts, on the thread running it."""
     if guard._active is None or _request.get() is None or not _armed:
         return
     if _SQLITE_STATEMENTS.off:
         return
-    if getattr(_tls, "inside", False):
+    if getattr(_tls, "inside", False) or statement in _LOCK_FREE_BEGINS:
         return
     try:
         g = guard._active
@@ -620,6 +625,8 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
     # Called for every audit event of the process, forever (a hook cannot be removed):
     # the event name first (sys._getframe below raises an audit event of its own).
     if event not in _AUDIT_EVENTS or not _armed or guard._active is None:
+        return
+    if _request.get() is None:  # not for a request, the lifespan or a window
         return
     if event in _audit_off or getattr(_tls, "inside", False):
         return
