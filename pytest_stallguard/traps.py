@@ -353,13 +353,20 @@ class _Unbound:
     def __get__(self, obj: object, objtype: type | None = None) -> _Unbound:
         return self
 
+    def __getattr__(self, name: str) -> Any:
+        # What update_wrapper does not copy (``__self__``, ``__text_signature__``, ...) is
+        # the builtin's.
+        if name == "__wrapped__":
+            raise AttributeError(name)
+        return getattr(self.__wrapped__, name)
+
     def __reduce__(self) -> tuple[Any, ...]:
         # By name, as the builtin pickles: ``posix.read`` for ``os.read``.
-        wrapped = self.__wrapped__  # type: ignore[attr-defined]
+        wrapped = self.__wrapped__
         return (getattr, (_ModuleRef(wrapped.__module__), wrapped.__qualname__))
 
     def __repr__(self) -> str:
-        return f"<stallguard trap of {self.__wrapped__!r}>"  # type: ignore[attr-defined]
+        return f"<stallguard trap of {self.__wrapped__!r}>"
 
 
 class _ModuleRef:

@@ -775,7 +775,10 @@ def test_every_trap_keeps_signature_metadata_and_binding() -> None:
             where = _dotted(target, name)
             assert trap is not original, where
             assert trap.__wrapped__ is original, where
-            for meta in ("__name__", "__qualname__", "__doc__", "__module__"):
+            metadata = ["__name__", "__qualname__", "__doc__", "__module__"]
+            if not hasattr(type(original), "__get__"):  # a builtin's own attributes too
+                metadata += ["__self__", "__text_signature__"]
+            for meta in metadata:
                 if hasattr(original, meta):
                     assert getattr(trap, meta) == getattr(original, meta), (where, meta)
             assert _signature(trap) == _signature(original), where
