@@ -6,15 +6,16 @@ request, the lifespan, or a window the test opens. An ASGI call is wrapped by
 request spawns inherit it; worker threads inherit it too (anyio copies the context), so
 every check also compares the thread with the loop thread the request started on.
 
-Real clocks are captured here at import so that a test patching ``time.monotonic`` or
-``time.perf_counter`` cannot stretch or freeze any wait the plugin makes.
+``perf_counter``, ``monotonic`` and ``real_sleep`` here are the real clocks of
+:mod:`.clock` (kept for the modules that import them from here): functions of ours, not
+the ``time`` functions themselves, so freezegun, which replaces module attributes that
+*are* time functions, passes them by.
 """
 
 from __future__ import annotations
 
 import contextvars
 import threading
-import time
 from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -22,10 +23,22 @@ from typing import Any
 
 import anyio.lowlevel
 
-# Real clocks, captured before any test can patch them.
-perf_counter = time.perf_counter
-monotonic = time.monotonic
-real_sleep = time.sleep
+from .clock import real
+
+
+def perf_counter() -> float:
+    """The real ``time.perf_counter`` (see :mod:`.clock`)."""
+    return real.perf_counter()
+
+
+def monotonic() -> float:
+    """The real ``time.monotonic`` (see :mod:`.clock`)."""
+    return real.monotonic()
+
+
+def real_sleep(seconds: float) -> None:
+    """The real ``time.sleep``, whatever patches ``time.sleep`` (see :mod:`.clock`)."""
+    real.sleep(seconds)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -50,6 +63,9 @@ class RequestInfo:
 _current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
     "stallguard_request", default=None
 )
+# The same variable, for hot paths that cannot afford a function call (the traps' fast
+# path: ``current_var.get() is None`` means no request, no lifespan, no window).
+current_var = _current
 # Set by ``stall_guard.paused()``: measurement off in this context.
 _paused: contextvars.ContextVar[bool] = contextvars.ContextVar("stallguard_paused", default=False)
 

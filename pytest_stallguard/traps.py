@@ -1,35 +1,47 @@
 """Blocking-call traps: sync calls that wait on the network, disk, a sleep or a child
 process, caught at the call when they run on the event-loop thread for a request.
 
-Two mechanisms, one finding per call:
+Three mechanisms, one finding per call:
 
-* **Patches** (process-global, installed by :func:`install`, restored exactly by
-  :func:`uninstall`): ``time.sleep``; ``socket.socket`` connect/connect_ex/send/sendall/
-  recv/recv_into/recvfrom/sendto (sockets with ``gettimeout() == 0.0`` are the loop's own
-  and are skipped); ``socket.getaddrinfo``/``gethostbyname``/``gethostbyname_ex`` (calls
-  with ``AI_NUMERICHOST`` cannot block and are skipped: trio makes them on the loop);
-  ``builtins.open``/``io.open``; ``os.read``/``os.write`` on blocking fds; ``sqlite3.connect``
-  (connections it makes are a subclass whose ``execute``/``executemany``/``executescript``/
-  ``commit``/``rollback`` and cursors' ``execute``/``executemany``/``executescript``/
-  ``fetch*`` are trapped; ``sqlite3.Connection`` is a C type that cannot be patched);
-  ``subprocess.Popen`` (``__init__``/``wait``/``communicate``) and ``subprocess.run``/
-  ``call``/``check_call``/``check_output``/``getoutput``/``getstatusoutput``; ``os.system``;
-  ``logging.Handler.handle`` for handlers that write to a file or a socket (file-backed
-  ``StreamHandler``, ``FileHandler`` and its subclasses, ``SocketHandler``,
-  ``DatagramHandler``, ``SysLogHandler``, ``HTTPHandler``, ``SMTPHandler``; console
-  streams, in-memory streams and ``QueueHandler`` are not blocking and not trapped).
-  ``http.client``, ``urllib``, ``urllib3`` and ``requests`` are covered through the socket
-  patches. Patched calls are timed: the finding has a duration.
+* **Wrappers** (process-global, installed by :func:`install` through :mod:`.patching`,
+  owner ``"traps"``, taken off exactly by :func:`uninstall`): ``time.sleep``;
+  ``socket.socket`` connect/connect_ex/send/sendall/recv/recv_into/recvfrom/sendto
+  (sockets with ``gettimeout() == 0.0`` are the loop's own and are skipped);
+  ``socket.getaddrinfo``/``gethostbyname``/``gethostbyname_ex`` (calls with
+  ``AI_NUMERICHOST`` cannot block and are skipped: trio makes them on the loop);
+  ``builtins.open``/``io.open``; ``os.read``/``os.write`` on blocking fds;
+  ``sqlite3.connect``; ``subprocess.Popen`` (``__init__``/``wait``/``communicate``) and
+  ``subprocess.run``/``call``/``check_call``/``check_output``/``getoutput``/
+  ``getstatusoutput``; ``os.system``; ``logging.Handler.handle`` for handlers that write
+  to a file or a socket (file-backed ``StreamHandler``, ``FileHandler`` and its subclasses,
+  ``SocketHandler``, ``DatagramHandler``, ``SysLogHandler``, ``HTTPHandler``,
+  ``SMTPHandler``; console streams, in-memory streams and ``QueueHandler`` are not
+  blocking and not trapped). ``http.client``, ``urllib``, ``urllib3`` and ``requests``
+  are covered through the socket wrappers. Wrapped calls are timed: the finding has a
+  duration. A wrapper behaves like what it replaces when stored on a class: the wrapper
+  of a builtin (``time.sleep``, ``open``, ...) does not bind, the wrapper of a Python
+  function or a method binds as it would; both keep the original's signature.
+* **sqlite3's trace callback** for statements: ``sqlite3.Connection`` is a C type that
+  cannot be patched, and the connection must keep its type (the user's factory class, or
+  ``sqlite3.Connection``). A connection made through ``sqlite3.connect`` while the traps
+  are installed gets our trace callback for its life (so a connection opened in one test
+  is still watched in the next), unless a factory of the user's with its own ``__init__``
+  (which may have set one) made it, or it belongs to a worker thread that no loop runs
+  in; a callback the user sets later replaces ours, as it would replace any. The callback
+  runs as each statement starts (``execute``, ``executemany``, ``executescript``,
+  ``COMMIT``), so these findings are not timed and raise mode cannot raise there (sqlite3
+  swallows a callback's exception); outside a guard it returns at once.
 * **An audit hook** (``sys.addaudithook``, added once, never removable, a no-op while
-  not installed) for names bound before patching: it sees ``open``, ``socket.connect``,
-  ``socket.getaddrinfo``, ``socket.gethostbyname``, ``subprocess.Popen``, ``os.system``,
-  ``os.posix_spawn`` and ``sqlite3.connect`` even through ``from socket import
-  getaddrinfo``. It cannot time the call (it runs before it), so those findings have no
-  duration. CPython raises no audit event for ``time.sleep``, ``os.read``/``os.write`` or
-  socket send/recv: ``from time import sleep`` bound before :func:`install` is NOT caught
-  by the traps (the loop watch still sees the stall if it is longer than the threshold).
+  not installed: it filters on the event name first) for names bound before patching: it
+  sees ``open``, ``socket.connect``, ``socket.getaddrinfo``, ``socket.gethostbyname``,
+  ``subprocess.Popen``, ``os.system``, ``os.posix_spawn`` and ``sqlite3.connect`` even
+  through ``from socket import getaddrinfo``. It cannot time the call (it runs before it),
+  so those findings have no duration. CPython raises no audit event for ``time.sleep``,
+  ``os.read``/``os.write`` or socket send/recv: ``from time import sleep`` bound before
+  :func:`install` is NOT caught by the traps (the loop watch still sees the stall if it is
+  longer than the threshold).
 
-A call seen by both (a patched ``open`` also raises the ``open`` audit event; ``requests``
+A call seen twice (a wrapped ``open`` also raises the ``open`` audit event; ``requests``
 resolving inside a trapped logging handler ...) is reported once: a thread-local flag
 marks "inside a trapped call" and everything nested is ignored.
 
@@ -38,14 +50,19 @@ A trap fires only for code running on the loop thread for a request
 worker threads (``def`` endpoints, ``anyio.to_thread``, ``asyncio.to_thread``).
 ``record`` mode runs the call, times it and records after it returns (also when it
 raises); ``raise`` mode records, then raises :class:`BlockingCallError` instead of making
-the call.
+the call. With no guard active, or outside any request, every wrapper checks a global and
+a context variable and calls through.
+
+Our bookkeeping never reaches the app: when deciding, locating or recording fails, the
+app's call runs once as without the plugin, the trap turns itself off until the next
+:func:`install`, and :func:`patching.hook_failed` notes it for a warning.
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import functools
+import importlib
 import io
 import logging
 import logging.handlers
@@ -56,13 +73,15 @@ import subprocess
 import sys
 import threading
 import time
+from asyncio import _get_running_loop as asyncio_running_loop
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from . import context, guard
-from .context import perf_counter
+from . import context, guard, patching
+from .clock import real
+from .context import current_var as _request
 from .errors import BlockingCallError
 from .location import _PLUGIN_DIR, is_user_file, user_location
 from .model import DOCS
@@ -115,12 +134,14 @@ ADVICE: dict[str, str] = {
     "happens in another thread, or " + _THREAD_ADVICE,
 }
 
-_MISSING = object()
+OWNER = "traps"
+
 _lock = threading.Lock()
-_armed = False  # patches in place and the audit hook live
+_patches = patching.Patches(OWNER)
+_armed = False  # wrappers in place and the audit hook live (turned off by _patches)
 _hook_added = False
-_saved: list[tuple[object, str, object]] = []  # (owner, attribute, original or _MISSING)
 _tls = threading.local()  # .inside: a trapped call is running in this thread
+_audit_off: set[str] = set()  # audit events whose bookkeeping failed (until install)
 
 # Time spent inside trapped calls on loop threads, (thread, start, end) in perf_counter
 # seconds: the loop watch subtracts it from a step so one blocking call is not reported
@@ -128,33 +149,39 @@ _tls = threading.local()  # .inside: a trapped call is running in this thread
 recent_blocks: deque[tuple[int, float, float]] = deque(maxlen=256)
 
 
-def installed() -> bool:
-    return _armed
-
-
 def install() -> None:
-    """Install every trap (idempotent)."""
+    """Install every trap (idempotent); see :func:`patching.live` for what is in place."""
     global _armed, _hook_added
     with _lock:
-        if _armed:
+        if _patches:
             return
         try:
             _patch_all()
+            if not _hook_added:
+                sys.addaudithook(_audit)
+                _hook_added = True
+            _audit_off.clear()
+            _armed = True
+            _patches.undo("audit hook", _disarm, target="sys.audit")
         except BaseException:
-            _restore_all()
+            _patches.restore()
             raise
-        if not _hook_added:
-            sys.addaudithook(_audit)
-            _hook_added = True
-        _armed = True
+
+
+def _disarm() -> None:
+    global _armed
+    _armed = False
 
 
 def uninstall() -> None:
-    """Restore every original exactly (idempotent). The audit hook stays, disarmed."""
-    global _armed
+    """Take every trap off (idempotent), in any order with other owners' layers.
+
+    The audit hook stays, disarmed; sqlite3 connections keep our trace callback, which
+    returns at once while no guard is active.
+    """
     with _lock:
-        _armed = False
-        _restore_all()
+        _patches.restore()
+        _disarm()
 
 
 @functools.cache
@@ -174,13 +201,6 @@ def exempt(frame: FrameType | None) -> bool:
     return False
 
 
-def _active_guard() -> guard.Guard | None:
-    g = guard.active()
-    if g is None or g.traps == "off":
-        return None
-    return g
-
-
 def _message(
     name: str,
     family: str,
@@ -197,6 +217,11 @@ def _message(
         what = f"{name}() blocked the event loop for {duration_ms:.1f} ms"
     elif how == "raise":
         what = f"{name}() was called on the event loop"
+    elif how == "trace":
+        what = (
+            f"{name} ran a statement on the event loop "
+            "(seen by sqlite3's trace callback, not timed)"
+        )
     else:  # audit: seen before the call, not timed
         what = f"{name}() ran on the event loop (seen by the audit hook, not timed)"
     return f"{what} during {info.request} at {where}. {ADVICE[family]}. See {DOCS}blocking-call"
@@ -211,112 +236,170 @@ def _report(
     duration_ms: float | None,
     how: str,
 ) -> str:
+    """Record the finding; may raise (callers turn that into :func:`patching.hook_failed`)."""
     loc = user_location(frame)
     message = _message(name, family, info, loc, duration_ms, how)
-    # A bug of ours must never break the app.
-    with contextlib.suppress(Exception):
-        g.record(
-            "blocking-call",
-            message,
-            frame=frame,
-            location=loc,
-            request=info.request,
-            duration_ms=duration_ms,
-            call=family,
-        )
+    g.record(
+        "blocking-call",
+        message,
+        frame=frame,
+        location=loc,
+        request=info.request,
+        duration_ms=duration_ms,
+        call=family,
+    )
     return message
 
 
-def _trapped(
-    name: str,
-    family: str,
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    info: context.RequestInfo,
-    g: guard.Guard,
-    frame: FrameType,
+# -- the trapped call ------------------------------------------------------------------------
+
+
+class _Spec:
+    """What one wrapper traps: its name in findings, family (advice), library and skip."""
+
+    __slots__ = ("family", "library", "name", "off", "skip")
+
+    def __init__(
+        self, name: str, family: str, library: str, skip: Callable[..., bool] | None = None
+    ) -> None:
+        self.name = name
+        self.family = family
+        self.library = library  # the stdlib module, for patching.hook_failed
+        self.skip = skip
+        self.off = False  # our bookkeeping failed: call through until the next install
+
+
+def _failed(spec: _Spec, exc: BaseException) -> None:
+    spec.off = True
+    patching.hook_failed(OWNER, spec.library, spec.name, exc)
+
+
+_PLAIN, _QUIET, _TIMED, _RAISE = range(4)
+
+
+def _through(
+    spec: _Spec, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """Run ``func`` as a trapped call: record (and raise in raise mode)."""
-    # The allowlist is applied by Guard.record (which counts what it drops); raise mode
-    # must not raise where blocking is allowed.
-    if exempt(frame) or (g.traps == "raise" and g.allowed(frame)):
-        return _quiet(func, args, kwargs)
-    _tls.inside = True
+    """A trapped callable called while a guard is active. Frame 2 is the caller's."""
+    if spec.off or getattr(_tls, "inside", False):
+        return call(*args, **kwargs)
+    plan = _PLAIN
+    message = ""
+    g: guard.Guard | None = None
+    info: context.RequestInfo | None = None
+    frame: FrameType | None = None
     try:
-        if g.traps == "raise":
-            message = _report(g, info, frame, name, family, None, "raise")
-            raise BlockingCallError(message)
-        start = perf_counter()
+        g = guard._active
+        info = context.on_loop() if g is not None and g.traps != "off" else None
+        if g is not None and info is not None:
+            if spec.skip is not None and spec.skip(*args, **kwargs):
+                plan = _QUIET
+            else:
+                frame = sys._getframe(2)
+                if exempt(frame) or (g.traps == "raise" and g.allowed(frame)):
+                    # The allowlist is applied by Guard.record (which counts what it
+                    # drops); raise mode must not raise where blocking is allowed.
+                    plan = _QUIET
+                elif g.traps == "raise":
+                    message = _report(g, info, frame, spec.name, spec.family, None, "raise")
+                    plan = _RAISE
+                else:
+                    plan = _TIMED
+    except Exception as exc:  # our bookkeeping, never the app's call
+        _failed(spec, exc)
+        return call(*args, **kwargs)
+    if plan == _PLAIN:
+        return call(*args, **kwargs)
+    _tls.inside = True  # nested traps and audit events belong to this call
+    try:
+        if plan == _QUIET:
+            return call(*args, **kwargs)
+        if plan == _RAISE:
+            raise BlockingCallError(message)  # the user asked for it: traps="raise"
+        start = real.perf_counter()
         try:
-            return func(*args, **kwargs)
+            return call(*args, **kwargs)
         finally:
-            end = perf_counter()
-            recent_blocks.append((info.thread, start, end))
-            _report(g, info, frame, name, family, (end - start) * 1000.0, "timed")
+            end = real.perf_counter()
+            try:
+                assert g is not None and info is not None and frame is not None
+                recent_blocks.append((info.thread, start, end))
+                _report(g, info, frame, spec.name, spec.family, (end - start) * 1000.0, "timed")
+            except Exception as exc:
+                _failed(spec, exc)
     finally:
         _tls.inside = False
 
 
-def _quiet(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Run a call the traps decided to let through, hiding it from the audit hook."""
-    if getattr(_tls, "inside", False):
-        return func(*args, **kwargs)
-    _tls.inside = True
-    try:
-        return func(*args, **kwargs)
-    finally:
-        _tls.inside = False
+class _Unbound:
+    """The trap of a builtin function: called like it, and like it never bound as a method.
+
+    ``class C: pause = time.sleep`` then ``C().pause(0.01)`` sleeps, as without the
+    plugin. ``__get__`` returns the trap itself (so ``inspect.isroutine`` holds, as for the
+    builtin); ``functools.update_wrapper`` keeps the name, doc and ``__wrapped__``, so
+    ``inspect.signature`` is the builtin's; pickling refers to it by name, as for a builtin.
+    """
+
+    def __init__(self, spec: _Spec, link: patching.Link) -> None:
+        self._spec = spec
+        self._link = link
+        functools.update_wrapper(self, link.next)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if guard._active is None or _request.get() is None:  # fast path: nothing to check
+            return self._link.next(*args, **kwargs)
+        return _through(self._spec, self._link.next, args, kwargs)
+
+    def __get__(self, obj: object, objtype: type | None = None) -> _Unbound:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # What update_wrapper does not copy (``__self__``, ``__text_signature__``, ...) is
+        # the builtin's.
+        if name == "__wrapped__":
+            raise AttributeError(name)
+        return getattr(self.__wrapped__, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # By name, as the builtin pickles: ``posix.read`` for ``os.read``.
+        wrapped = self.__wrapped__
+        return (getattr, (_ModuleRef(wrapped.__module__), wrapped.__qualname__))
+
+    def __repr__(self) -> str:
+        return f"<stallguard trap of {self.__wrapped__!r}>"
 
 
-def _should_trap() -> tuple[context.RequestInfo, guard.Guard] | None:
-    g = guard.active()
-    if g is None or g.traps == "off" or getattr(_tls, "inside", False):
-        return None
-    info = context.on_loop()
-    if info is None:
-        return None
-    return info, g
+class _ModuleRef:
+    """Pickles as ``importlib.import_module(name)`` (a module cannot be pickled itself)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (importlib.import_module, (self.name,))
 
 
-# -- patches -------------------------------------------------------------------------------
+def _bound_trap(spec: _Spec, link: patching.Link) -> Callable[..., Any]:
+    """The trap of a Python function or a method: a function, so it binds as they do."""
 
-
-def _set(owner: object, attr: str, value: object) -> None:
-    original = vars(owner).get(attr, _MISSING) if isinstance(owner, type) else getattr(owner, attr)
-    _saved.append((owner, attr, original))
-    setattr(owner, attr, value)
-
-
-def _restore_all() -> None:
-    while _saved:
-        owner, attr, original = _saved.pop()
-        if original is _MISSING:
-            with contextlib.suppress(AttributeError):
-                delattr(owner, attr)
-        else:
-            setattr(owner, attr, original)
-
-
-def _function_trap(
-    func: Callable[..., Any],
-    name: str,
-    family: str,
-    skip: Callable[..., bool] | None = None,
-) -> Callable[..., Any]:
-    @functools.wraps(func)
+    @functools.wraps(link.next)
     def trap(*args: Any, **kwargs: Any) -> Any:
-        if guard._active is None:  # fast path: nothing armed
-            return func(*args, **kwargs)
-        armed = _should_trap()
-        if armed is None:
-            return func(*args, **kwargs)
-        if skip is not None and skip(*args, **kwargs):
-            return _quiet(func, args, kwargs)
-        return _trapped(name, family, func, args, kwargs, *armed, sys._getframe(1))
+        if guard._active is None or _request.get() is None:  # fast path: nothing to check
+            return link.next(*args, **kwargs)
+        return _through(spec, link.next, args, kwargs)
 
-    trap.__stallguard_original__ = func  # type: ignore[attr-defined]
     return trap
+
+
+def _trap(spec: _Spec) -> Callable[[patching.Link], Any]:
+    """``make`` for :meth:`patching.Patches.wrap`: bind exactly when the original binds."""
+
+    def make(link: patching.Link) -> Any:
+        if hasattr(type(link.next), "__get__"):
+            return _bound_trap(spec, link)
+        return _Unbound(spec, link)
+
+    return make
 
 
 def _sleep_skip(seconds: float = 0, *args: Any, **kwargs: Any) -> bool:
@@ -352,64 +435,6 @@ _SOCKET_METHODS = (
     "recvfrom",
     "sendto",
 )
-
-
-class _TrappedCursor(sqlite3.Cursor):
-    """A cursor whose statements are trapped (made by connections from ``sqlite3.connect``)."""
-
-
-class _TrappedConnection(sqlite3.Connection):
-    """A connection whose statements are trapped; ``sqlite3.connect`` makes these."""
-
-    def cursor(self, factory: Any = None) -> Any:
-        return super().cursor(factory or _TrappedCursor)
-
-    def execute(self, *args: Any, **kwargs: Any) -> Any:
-        # The C method creates a plain cursor; go through our cursor so it is trapped once.
-        return self.cursor().execute(*args, **kwargs)
-
-    def executemany(self, *args: Any, **kwargs: Any) -> Any:
-        return self.cursor().executemany(*args, **kwargs)
-
-    def executescript(self, *args: Any, **kwargs: Any) -> Any:
-        return self.cursor().executescript(*args, **kwargs)
-
-
-_SQLITE_CONNECTION_METHODS = ("commit", "rollback", "backup")
-_SQLITE_CURSOR_METHODS = (
-    "execute",
-    "executemany",
-    "executescript",
-    "fetchone",
-    "fetchmany",
-    "fetchall",
-)
-
-
-def _sqlite_connect_trap(func: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(func)
-    def connect(*args: Any, **kwargs: Any) -> Any:
-        # Every connection made while installed is trapped, wherever it was made (a
-        # connection opened in the lifespan is used by requests later).
-        if len(args) < 6 and kwargs.get("factory", sqlite3.Connection) is sqlite3.Connection:
-            kwargs["factory"] = _TrappedConnection
-        if guard._active is None:
-            return func(*args, **kwargs)
-        armed = _should_trap()
-        if armed is None:
-            return func(*args, **kwargs)
-        return _trapped("sqlite3.connect", "sqlite3", func, args, kwargs, *armed, sys._getframe(1))
-
-    connect.__stallguard_original__ = func  # type: ignore[attr-defined]
-    return connect
-
-
-def _method_trap(
-    cls: type, attr: str, name: str, family: str, skip: Callable[..., bool] | None = None
-) -> None:
-    method = getattr(cls, attr)
-    _set(cls, attr, _function_trap(method, name, family, skip))
-
 
 _SUBPROCESS_FUNCTIONS = (
     "run",
@@ -453,86 +478,199 @@ def _handler_skip(handler: logging.Handler, *args: Any, **kwargs: Any) -> bool:
     return not _handler_blocks(handler)
 
 
+# -- sqlite3 -------------------------------------------------------------------------------
+
+_SQLITE_STATEMENTS = _Spec("sqlite3", "sqlite3", "sqlite3")
+
+
+class _SqliteConnect(_Unbound):
+    """``sqlite3.connect``: trapped as a call, and the connection it makes gets our trace
+    callback, so its statements are seen without changing its type."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if guard._active is None or _request.get() is None:
+            conn = self._link.next(*args, **kwargs)
+        else:
+            conn = _through(self._spec, self._link.next, args, kwargs)
+        _observe(conn, args, kwargs)
+        return conn
+
+
+def _observe(conn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Give a new connection our trace callback, unless code of the user's may have set one
+    or it can never run on an event loop.
+
+    ``sqlite3.Connection`` and factory classes that do not define ``__init__`` ran no code
+    of the user's; a factory with its own ``__init__`` (or a factory that is not a class)
+    may have set a trace callback, which cannot be read back: those are left alone. So is
+    a connection made in a worker thread with ``check_same_thread`` on (aiosqlite's, a
+    ``def`` endpoint's): only that thread may use it, and no loop runs there.
+
+    The callback stays for the connection's life (taking it off again could remove one the
+    user set since, and from another thread could deadlock with a statement starting);
+    while no guard is active it returns at once. What remains is sqlite3's own cost of a
+    trace callback: it expands the bound parameters into the statement text first.
+    """
+    try:
+        factory = kwargs.get("factory", args[5] if len(args) > 5 else sqlite3.Connection)
+        same_thread = kwargs.get("check_same_thread", args[4] if len(args) > 4 else True)
+        if (
+            isinstance(factory, type)
+            and type(conn) is factory
+            and factory.__init__ is sqlite3.Connection.__init__
+            and (not same_thread or _loop_may_run_here())
+        ):
+            connection: Any = conn
+            connection.set_trace_callback(_sqlite_trace)
+    except Exception as exc:
+        patching.hook_failed(OWNER, "sqlite3", "sqlite3 connections", exc)
+
+
+def _loop_may_run_here() -> bool:
+    """The main thread (where pytest runs the test's loop), or a thread running a loop."""
+    if threading.current_thread() is threading.main_thread():
+        return True
+    if asyncio_running_loop() is not None:
+        return True
+    trio = sys.modules.get("trio")
+    in_trio_run = getattr(getattr(trio, "lowlevel", None), "in_trio_run", None)
+    return bool(in_trio_run()) if in_trio_run is not None else False
+
+
+# The BEGIN sqlite3 issues before a write in its default transaction handling takes no
+# lock (a deferred transaction): not a wait, and not a second finding for the write's line.
+_LOCK_FREE_BEGINS = frozenset({"BEGIN ", "BEGIN", "BEGIN DEFERRED"})
+
+
+def _sqlite_trace(statement: str) -> None:
+    """sqlite3 calls this as each statement starts, on the thread running it."""
+    if guard._active is None or _request.get() is None or not _armed:
+        return
+    if _SQLITE_STATEMENTS.off:
+        return
+    if getattr(_tls, "inside", False) or statement in _LOCK_FREE_BEGINS:
+        return
+    try:
+        g = guard._active
+        if g is None or g.traps == "off":
+            return
+        info = context.on_loop()
+        if info is None:
+            return
+        frame = sys._getframe(1)  # the Python code that called execute/commit/...
+        if exempt(frame):
+            return
+        _report(g, info, frame, "sqlite3", "sqlite3", None, "trace")
+    except Exception as exc:  # sqlite3 would swallow it; note it and stop watching
+        _failed(_SQLITE_STATEMENTS, exc)
+
+
+# -- installing ------------------------------------------------------------------------------
+
+
+def _wrap(target: Any, attr: str, spec: _Spec) -> None:
+    _patches.wrap(target, attr, _trap(spec))
+
+
 def _patch_all() -> None:
-    _set(time, "sleep", _function_trap(time.sleep, "time.sleep", "time.sleep", _sleep_skip))
+    _SQLITE_STATEMENTS.off = False
+    _wrap(time, "sleep", _Spec("time.sleep", "time.sleep", "time", _sleep_skip))
     for attr in _SOCKET_METHODS:
-        _method_trap(socket.socket, attr, f"socket.{attr}", "socket", _nonblocking_socket)
-    _set(
-        socket,
-        "getaddrinfo",
-        _function_trap(socket.getaddrinfo, "socket.getaddrinfo", "dns", _numeric_skip),
-    )
+        _wrap(socket.socket, attr, _Spec(f"socket.{attr}", "socket", "socket", _nonblocking_socket))
+    _wrap(socket, "getaddrinfo", _Spec("socket.getaddrinfo", "dns", "socket", _numeric_skip))
     for attr in ("gethostbyname", "gethostbyname_ex"):
-        _set(socket, attr, _function_trap(getattr(socket, attr), f"socket.{attr}", "dns"))
-    trapped_open = _function_trap(builtins.open, "open", "open")
-    _set(builtins, "open", trapped_open)
-    _set(io, "open", trapped_open)
-    _set(os, "read", _function_trap(os.read, "os.read", "os.read", _fd_skip))
-    _set(os, "write", _function_trap(os.write, "os.write", "os.write", _fd_skip))
-    _set(os, "system", _function_trap(os.system, "os.system", "os.system"))
-    sqlite_connect = _sqlite_connect_trap(sqlite3.connect)
-    _set(sqlite3, "connect", sqlite_connect)
-    _set(sqlite3.dbapi2, "connect", sqlite_connect)
-    for attr in _SQLITE_CONNECTION_METHODS:
-        _method_trap(_TrappedConnection, attr, f"sqlite3.Connection.{attr}", "sqlite3")
-    for attr in _SQLITE_CURSOR_METHODS:
-        _method_trap(_TrappedCursor, attr, f"sqlite3.Cursor.{attr}", "sqlite3")
+        _wrap(socket, attr, _Spec(f"socket.{attr}", "dns", "socket"))
+    # One object for builtins.open and io.open (the same builtin), as without the plugin.
+    open_link = _patches.link(builtins, "open")
+    trapped_open = _trap(_Spec("open", "open", "io"))(open_link)
+    _patches.set(builtins, "open", trapped_open, open_link)
+    if io.open is open_link.next:
+        _patches.set(io, "open", trapped_open)
+    else:  # someone else's layer on io.open only: a trap of its own
+        _wrap(io, "open", _Spec("open", "open", "io"))
+    _wrap(os, "read", _Spec("os.read", "os.read", "os", _fd_skip))
+    _wrap(os, "write", _Spec("os.write", "os.write", "os", _fd_skip))
+    _wrap(os, "system", _Spec("os.system", "os.system", "os"))
+    connect_spec = _Spec("sqlite3.connect", "sqlite3", "sqlite3")
+    connect_link = _patches.link(sqlite3, "connect")
+    trapped_connect = _SqliteConnect(connect_spec, connect_link)
+    _patches.set(sqlite3, "connect", trapped_connect, connect_link)
+    if sqlite3.dbapi2.connect is connect_link.next:
+        _patches.set(sqlite3.dbapi2, "connect", trapped_connect)
+    else:
+        _patches.wrap(
+            sqlite3.dbapi2, "connect", lambda link: _SqliteConnect(connect_spec, link)
+        )
     for attr in ("__init__", "wait", "communicate"):
         name = "subprocess.Popen" if attr == "__init__" else f"subprocess.Popen.{attr}"
-        _method_trap(subprocess.Popen, attr, name, "subprocess")
+        _wrap(subprocess.Popen, attr, _Spec(name, "subprocess", "subprocess"))
     for attr in _SUBPROCESS_FUNCTIONS:
-        _set(
-            subprocess,
-            attr,
-            _function_trap(getattr(subprocess, attr), f"subprocess.{attr}", "subprocess"),
-        )
-    _method_trap(logging.Handler, "handle", "logging handler", "logging", _handler_skip)
+        _wrap(subprocess, attr, _Spec(f"subprocess.{attr}", "subprocess", "subprocess"))
+    _wrap(
+        logging.Handler,
+        "handle",
+        _Spec("logging handler", "logging", "logging", _handler_skip),
+    )
 
 
 # -- audit hook ----------------------------------------------------------------------------
 
-_AUDIT_EVENTS: dict[str, tuple[str, str]] = {
-    "open": ("open", "open"),
-    "socket.connect": ("socket.connect", "socket"),
-    "socket.getaddrinfo": ("socket.getaddrinfo", "dns"),
-    "socket.gethostbyname": ("socket.gethostbyname", "dns"),
-    "subprocess.Popen": ("subprocess.Popen", "subprocess"),
-    "os.posix_spawn": ("os.posix_spawn", "subprocess"),
-    "os.system": ("os.system", "os.system"),
-    "sqlite3.connect": ("sqlite3.connect", "sqlite3"),
+# event -> (name in findings, family, stdlib module)
+_AUDIT_EVENTS: dict[str, tuple[str, str, str]] = {
+    "open": ("open", "open", "io"),
+    "socket.connect": ("socket.connect", "socket", "socket"),
+    "socket.getaddrinfo": ("socket.getaddrinfo", "dns", "socket"),
+    "socket.gethostbyname": ("socket.gethostbyname", "dns", "socket"),
+    "subprocess.Popen": ("subprocess.Popen", "subprocess", "subprocess"),
+    "os.posix_spawn": ("os.posix_spawn", "subprocess", "os"),
+    "os.system": ("os.system", "os.system", "os"),
+    "sqlite3.connect": ("sqlite3.connect", "sqlite3", "sqlite3"),
 }
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
-    # Filter by name first: sys._getframe below raises an audit event of its own.
-    if not _armed or event not in _AUDIT_EVENTS or guard._active is None:
+    # Called for every audit event of the process, forever (a hook cannot be removed):
+    # the event name first (sys._getframe below raises an audit event of its own).
+    if event not in _AUDIT_EVENTS or not _armed or guard._active is None:
         return
-    armed = _should_trap()
-    if armed is None:
+    if _request.get() is None:  # not for a request, the lifespan or a window
         return
-    info, g = armed
+    if event in _audit_off or getattr(_tls, "inside", False):
+        return
+    try:
+        message = _audit_check(event, args)
+    except Exception as exc:  # our bookkeeping: the audited call goes on
+        _audit_off.add(event)
+        patching.hook_failed(OWNER, _AUDIT_EVENTS[event][2], f"the {event} audit event", exc)
+        return
+    if message is not None:
+        raise BlockingCallError(message)  # the user asked for it: traps="raise"
+
+
+def _audit_check(event: str, args: tuple[Any, ...]) -> str | None:
+    """Record the event if it is a finding; the message when raise mode must raise."""
+    g = guard._active
+    if g is None or g.traps == "off":
+        return None
+    info = context.on_loop()
+    if info is None:
+        return None
     if event == "socket.connect" and args and _nonblocking_socket(args[0]):
-        return
+        return None
     if (
         event == "open"
         and len(args) > 2
         and isinstance(args[2], int)
         and args[2] & getattr(os, "O_NONBLOCK", 0)
     ):
-        return
-    frame = sys._getframe(1)
+        return None
+    frame = sys._getframe(2)  # 0: here, 1: _audit, 2: the code making the call
     while frame.f_code.co_filename.startswith(_PLUGIN_DIR) and frame.f_back is not None:
         frame = frame.f_back  # pragma: no cover - our own opens are not made on the loop
     if exempt(frame) or (g.traps == "raise" and g.allowed(frame)):
-        return
-    name, family = _AUDIT_EVENTS[event]
+        return None
+    name, family, _ = _AUDIT_EVENTS[event]
     if g.traps == "raise":
-        message = _report(g, info, frame, name, family, None, "raise")
-        raise BlockingCallError(message)
+        return _report(g, info, frame, name, family, None, "raise")
     _report(g, info, frame, name, family, None, "audit")
-
-
-def patched() -> Iterator[tuple[object, str]]:
-    """(owner, attribute) of every patch in place, for tests and diagnostics."""
-    for owner, attr, _ in list(_saved):
-        yield owner, attr
+    return None

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import socket
 import time
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import asgi_lifespan
+import httpx
 import pytest
+from fastapi import FastAPI
+
+from pytest_stallguard import context, intercept, patching
 
 from .conftest import load_json
 
@@ -339,3 +349,160 @@ def test_stall_guard_flag_in_a_pytest_asyncio_suite(pytester: pytest.Pytester, m
     )
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*[[]blocking-call[]] time.sleep()*during GET /sleepy*"])
+
+
+# -- request interception, in-process: constructors keep their signature and never break ------
+
+with warnings.catch_warnings():  # starlette's TestClient warns that it wants httpx2
+    warnings.simplefilter("ignore")
+    import starlette.testclient
+
+CONSTRUCTORS = [httpx.ASGITransport, asgi_lifespan.LifespanManager, starlette.testclient.TestClient]
+
+
+def small_app() -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.started = True
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.started = False
+
+    @app.get("/ok")
+    async def ok() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+@pytest.fixture
+def intercepting() -> Iterator[None]:
+    intercept.install()
+    try:
+        yield
+    finally:
+        intercept.uninstall()
+
+
+@pytest.fixture
+def warnings_noted(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    patching.take_warnings()
+    monkeypatch.setattr(patching, "_warned", set())
+    yield
+    patching.take_warnings()
+
+
+@pytest.mark.parametrize("cls", CONSTRUCTORS, ids=lambda c: c.__name__)
+def test_wrapped_constructors_keep_signature_and_metadata(cls: type) -> None:
+    original = vars(cls)["__init__"]
+    signatures = (inspect.signature(cls.__init__), inspect.signature(cls))
+    intercept.install()
+    try:
+        assert [i.owner for i in patching.live()] == [intercept.OWNER] * len(CONSTRUCTORS)
+        wrapper = cls.__init__
+        assert wrapper is not original and wrapper.__wrapped__ is original
+        assert (inspect.signature(cls.__init__), inspect.signature(cls)) == signatures
+        for meta in ("__name__", "__qualname__", "__doc__", "__module__"):
+            assert getattr(wrapper, meta) == getattr(original, meta), meta
+    finally:
+        intercept.uninstall()
+    assert vars(cls)["__init__"] is original
+    assert not patching.live()
+
+
+def _built(app: FastAPI) -> list[dict[str, Any]]:
+    """What the constructors make of the same arguments (the app itself aside)."""
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False, root_path="/r",
+                                    client=("1.2.3.4", 5))
+    by_name = httpx.ASGITransport(app=app, root_path="/s")
+    manager = asgi_lifespan.LifespanManager(app, startup_timeout=3, shutdown_timeout=4)
+    return [
+        {k: v for k, v in vars(obj).items() if k != "app" and not k.startswith("_")}
+        | {"timeouts": (getattr(obj, "_startup_timeout", None), getattr(obj, "_shutdown_timeout", None))}
+        for obj in (transport, by_name, manager)
+    ]
+
+
+@pytest.mark.anyio
+async def test_arguments_pass_through_untouched(intercepting: None) -> None:
+    app = small_app()
+    under = _built(app)
+    transport = httpx.ASGITransport(app)
+    assert transport.app is not app and transport.app.__wrapped__ is app  # labelled
+    intercept.uninstall()
+    assert _built(app) == under
+    with pytest.raises(TypeError) as plain:
+        httpx.ASGITransport(app, nonsense=1)  # type: ignore[call-arg]
+    intercept.install()
+    with pytest.raises(TypeError) as wrapped:
+        httpx.ASGITransport(app, nonsense=1)  # type: ignore[call-arg]
+    assert str(wrapped.value) == str(plain.value)
+
+
+@pytest.mark.anyio
+async def test_a_failure_of_ours_leaves_every_client_working(
+    intercepting: None, warnings_noted: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed: list[str] = []
+
+    def boom(app: Any, **kwargs: Any) -> Any:
+        failed.append("attributed")
+        raise RuntimeError("forced failure in attributed")
+
+    monkeypatch.setattr(context, "attributed", boom)
+    app = small_app()
+    for _ in range(2):  # the second time the constructor does not even try
+        transport = httpx.ASGITransport(app=app)
+        assert transport.app is app
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/ok")).json() == {"ok": True}
+        async with asgi_lifespan.LifespanManager(app) as manager:
+            assert app.state.started
+            assert not getattr(manager.app, "__stallguard_wrapped__", False)  # untouched
+        with starlette.testclient.TestClient(app) as test_client:
+            assert test_client.get("/ok").json() == {"ok": True}
+    assert len(failed) == 3  # once per constructor, then off for it
+    notes = patching.take_warnings()
+    for what, library in (
+        ("httpx.ASGITransport", "httpx"),
+        ("asgi_lifespan.LifespanManager", "asgi-lifespan"),
+        ("starlette.testclient.TestClient", "starlette"),
+    ):
+        expected = f"stallguard: request labels cannot watch {what} with {library} "
+        assert any(n.startswith(expected) for n in notes), notes
+
+
+def test_install_again_after_everything_was_taken_off() -> None:
+    intercept.install()
+    patching.restore_all()  # what an interrupted run does
+    assert vars(httpx.ASGITransport)["__init__"].__name__ == "__init__"
+    assert not hasattr(vars(httpx.ASGITransport)["__init__"], "__wrapped__")
+    intercept.install()  # wraps again, not "already done"
+    try:
+        assert hasattr(vars(httpx.ASGITransport)["__init__"], "__wrapped__")
+    finally:
+        intercept.uninstall()
+
+
+def test_other_layers_on_a_constructor_come_off_in_any_order() -> None:
+    original = vars(httpx.ASGITransport)["__init__"]
+    other = patching.Patches("someone else")
+    seen: list[Any] = []
+
+    def make(link: patching.Link) -> Any:
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            seen.append(kwargs.get("app"))
+            link.next(self, *args, **kwargs)
+
+        return __init__
+
+    intercept.install()
+    other.wrap(httpx.ASGITransport, "__init__", make)
+    app = small_app()
+    assert httpx.ASGITransport(app=app).app.__wrapped__ is app  # both layers ran
+    intercept.uninstall()  # ours first, from under the other
+    assert httpx.ASGITransport(app=app).app is app
+    assert seen == [app, app]
+    other.restore()
+    assert vars(httpx.ASGITransport)["__init__"] is original
