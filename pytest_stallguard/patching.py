@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import platform
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,9 +206,12 @@ _pending: list[str] = []
 
 
 def version_of(distribution: str) -> str:
+    """The installed version, or the Python version for a standard-library module."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
+        if distribution.partition(".")[0] in sys.stdlib_module_names:
+            return f"(standard library of Python {platform.python_version()})"
         return "(version unknown)"
 
 

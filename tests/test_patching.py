@@ -102,3 +102,10 @@ def test_hook_failure_is_noted_once_with_library_and_version() -> None:
     assert "httpx " + patching.version_of("httpx") in notes[0]
     assert "TypeError: no weakref" in notes[0]
     assert patching.take_warnings() == []
+
+
+def test_a_standard_library_hook_names_the_python_version() -> None:
+    import platform
+
+    assert platform.python_version() in patching.version_of("sqlite3")
+    assert patching.version_of("no-such-distribution-xyz") == "(version unknown)"
