@@ -83,7 +83,8 @@ def parse(output: str) -> tuple[dict[str, int], list[str]]:
                 counts[kind] = int(number)
             break
     failing = []
-    for line in output.splitlines():
+    summary = output.rsplit("short test summary info", 1)
+    for line in summary[1].splitlines() if len(summary) == 2 else []:
         if line.startswith(("FAILED ", "ERROR ")):
             failing.append(line.split(" - ", 1)[0])
     return counts, failing
