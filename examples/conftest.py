@@ -9,6 +9,10 @@ other reason. That includes the plain functional tests: any test that uses
 from __future__ import annotations
 
 import importlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from shop.config import ShopConfig
@@ -34,7 +38,26 @@ def shop_config(slow_upstream, tmp_path) -> ShopConfig:  # type: ignore[no-untyp
         payments_url=PAYMENTS,
         stats_url=stats.url,
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
+        uploads_dir=str(tmp_path / "uploads"),
     )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leaves_no_temp_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each example module must remove whatever it made with ``tempfile`` (the shop once
+    left a ``shop-uploads-*`` folder per app): ``tempfile`` points at a private, empty
+    folder while the module runs, and that folder must be empty again at its end."""
+    tmp_path_factory.getbasetemp()  # pytest's own temp root stays where it belongs
+    private = Path(tempfile.mkdtemp(prefix="stallguard-examples-"))
+    private.chmod(0o755)  # the embedded PostgreSQL runs as a system user when we are root
+    previous, tempfile.tempdir = tempfile.tempdir, str(private)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        left = sorted(p.name for p in private.iterdir())
+        shutil.rmtree(private, ignore_errors=True)
+    assert not left, f"left in the temp dir: {', '.join(left)}"
 
 
 @pytest.fixture(params=["fixed", "broken"])

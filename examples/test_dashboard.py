@@ -7,8 +7,10 @@ import pytest
 
 @pytest.mark.concurrency(canary="/health")
 async def test_dashboard_under_load(stall_client):
-    result = await stall_client.burst("GET", "/dashboard", n=20)
-    assert result.statuses[200] == 20
+    # As many requests as the pool has connections (shop/db.py): the fixed shop never
+    # waits for one, however busy the machine, while the broken one is still caught.
+    result = await stall_client.burst("GET", "/dashboard", n=10)
+    assert result.statuses[200] == 10
 
 
 async def test_dashboard_shows_orders_and_visits(stall_client):

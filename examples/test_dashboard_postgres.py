@@ -51,8 +51,10 @@ async def busy_server_connections(host: str) -> int:
 
 @pytest.mark.concurrency(canary="/health")
 async def test_dashboard_under_load_on_postgres(stall_client):
-    result = await stall_client.burst("GET", "/dashboard", n=20)
-    assert result.statuses[200] == 20
+    # As many requests as the pool has connections (shop/db.py): the fixed shop never
+    # waits for one, however busy the machine, while the broken one is still caught.
+    result = await stall_client.burst("GET", "/dashboard", n=10)
+    assert result.statuses[200] == 10
 
 
 async def test_given_up_requests_free_their_connections(stall_client, postgres_host):

@@ -310,77 +310,112 @@ async def test_connection_returned_is_clean(engine: AsyncEngine) -> None:
 
 
 # -- the warm-pool wedge (FINDINGS: httpcore pool, real sockets) --------------------------
+# httpcore sometimes leaves a warm pool with a connection it created for a request that
+# then left without using it (a PoolTimeout racing the assignment). Whether that race
+# happens is httpcore's business and the machine's timing (bench/wedge.py reproduces it);
+# here the detector is tested on real pools put into that state on purpose.
 
 
-def wedged(pool: Any) -> list[str]:
-    """The test's own oracle: connections no request can use, read from their repr."""
-    return [repr(c) for c in pool.connections if "CONNECTING" in repr(c) or "ACTIVE" in repr(c)]
+def silent_server() -> Any:
+    """A loopback listening socket that is never accepted from: the kernel completes the
+    TCP handshake (backlog) and nothing ever answers, so a request sent to it stays ACTIVE
+    until cancelled. Use it as a context manager; ``address_of(listener)`` gives its URL."""
+    import socket  # (imports local to this section: the rest of the file is another owner's)
+
+    return socket.create_server(("127.0.0.1", 0))
 
 
-async def mixed_timeout_burst(client: httpx.AsyncClient, url: str, n: int) -> list[str]:
-    outcomes: list[str] = []
-
-    async def one() -> None:
-        try:
-            await client.get(url)
-            outcomes.append("ok")
-        except httpx.TimeoutException as exc:
-            outcomes.append(type(exc).__name__)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(n):
-            tg.start_soon(one)
-    return outcomes
+def address_of(listener: Any) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"http://{host}:{port}/"
 
 
-async def wedge_run(server_url: str, pool_timeout: float) -> tuple[bool, set[str]]:
-    """One warm-pool burst mixing ReadTimeout and PoolTimeout; asserts that the leak check
-    reports a connection-leak exactly when the pool is left wedged. Returns (wedged,
-    outcomes)."""
-    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
-    timeout = httpx.Timeout(5.0, read=0.2, pool=pool_timeout)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        with Guard() as g, PoolWatch() as watch:
-            leaks = LeakCheck(watch).start()
-            async with anyio.create_task_group() as tg:  # warm: two idle keep-alive conns
-                for _ in range(2):
-                    tg.start_soon(lambda: client.get(server_url, timeout=5.0))
-            outcomes = set(await mixed_timeout_burst(client, server_url, 10))
-            found = await leaks.check(grace_s=0.5)
-            pool = client._transport._pool  # type: ignore[attr-defined]
-            oracle = wedged(pool)  # the same moment: nothing awaited since the check
-    leaks_found = [f for f in found if f.kind == "connection-leak"]
-    assert bool(leaks_found) == bool(oracle), (found, oracle)
-    if oracle:
-        [finding] = leaks_found
-        assert f"{len(oracle)} connection(s)" in finding.message
-        assert (finding.file, finding.function) == ("tests/test_leaks.py", "one")
-    assert g.findings == found
-    return bool(oracle), outcomes
+def orphan_connection(client: httpx.AsyncClient, url: str) -> tuple[Any, Any]:
+    """Have the client's real httpcore pool hand a new connection to a queued request
+    whose owner then leaves without using it: the end state of the warm-pool wedge,
+    reached through the pool's own assignment code (httpcore 1.0 internals). Returns the
+    connection and the request it was given for."""
+    import httpcore
+
+    try:
+        from httpcore._async.connection_pool import AsyncPoolRequest
+    except ImportError:  # pragma: no cover - httpcore < 1.0 queues requests differently
+        pytest.skip("orphaning a connection by hand needs httpcore 1.0's AsyncPoolRequest")
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    host = httpx.URL(url).netloc
+    timeouts = {"connect": 10.0, "read": 60.0, "write": 10.0}
+    orphan = AsyncPoolRequest(
+        httpcore.Request("GET", url, headers=[(b"Host", host)], extensions={"timeout": timeouts})
+    )
+    pool._requests.append(orphan)
+    pool._assign_requests_to_connections()  # a new connection, CONNECTING, for `orphan`
+    pool._requests.remove(orphan)  # ... whose owner is gone
+    assert orphan.connection is not None and orphan.connection in pool.connections
+    return orphan.connection, orphan.request
+
+
+async def poll_until(done: Any, what: str) -> None:
+    """Poll ``done()`` (bounded): a condition to wait for, not a duration."""
+    for _ in range(500):
+        if done():
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError(f"never became true: {what}")
+
+
+ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+SHORT_POOL_WAIT = httpx.Timeout(10.0, pool=0.05)  # the pool is either free or wedged for good
 
 
 @BOTH
-async def test_warm_pool_wedge_is_reported_exactly_when_it_happens() -> None:
-    """FINDINGS: a warm pool hit by a burst mixing ReadTimeout and PoolTimeout is sometimes
-    left with connections stuck CONNECTING. Measured here: with pool timeout == read timeout
-    (0.2 s, upstream 0.3 s) most runs wedge on asyncio, about a third on trio; with a pool
-    timeout of 0.1 s none do. Whatever happens, the report must match the pool."""
-    wedges, clean, outcomes = 0, 0, set()
-    with serve(delay=0.3) as server:
-        for _ in range(12):  # wedge-prone; stop once two wedges were seen
-            hit, seen = await wedge_run(server.url, pool_timeout=0.2)
-            wedges += hit
-            clean += not hit
-            outcomes |= seen
-            if wedges >= 2:
-                break
-        for _ in range(3):  # not wedge-prone
-            hit, seen = await wedge_run(server.url, pool_timeout=0.1)
-            wedges += hit
-            clean += not hit
-            outcomes |= seen
-    assert {"ReadTimeout", "PoolTimeout"} <= outcomes  # the bursts did mix them
-    assert wedges >= 1 and clean >= 1  # both sides of the equivalence were exercised
+@pytest.mark.parametrize("state", ["CONNECTING", "ACTIVE"])
+async def test_wedged_pool_is_reported(state: str) -> None:
+    """A pool of one whose only connection no request owns: every later request gets
+    PoolTimeout (so the state is a real wedge), and the leak check names it."""
+    with serve() as server, silent_server() as listener:
+        silent = address_of(listener)
+        async with httpx.AsyncClient(limits=ONE_CONNECTION, timeout=SHORT_POOL_WAIT) as client:
+            with Guard() as g, PoolWatch() as watch:
+                leaks = LeakCheck(watch).start()
+                async with anyio.create_task_group() as tg:
+                    if state == "CONNECTING":
+                        stuck, _ = orphan_connection(client, server.url)
+                    else:  # the orphan's connection got as far as sending, to a silent server
+                        stuck, request = orphan_connection(client, silent)
+                        tg.start_soon(stuck.handle_async_request, request)
+                        await poll_until(lambda: ", ACTIVE," in stuck.info(), "ACTIVE")
+                    with pytest.raises(httpx.PoolTimeout):
+                        await client.get(server.url)  # the request that finds it wedged
+                    found = await leaks.check(grace_s=0.1)
+                    seen_as = repr(stuck)  # before the cancellation below closes it
+                    tg.cancel_scope.cancel()
+    [finding] = found
+    assert finding.kind == "connection-leak"
+    assert "max_connections=1" in finding.message
+    assert state in seen_as
+    assert f"held 1 connection(s) no request owns at teardown: {seen_as}." in finding.message
+    assert finding.file == "tests/test_leaks.py"
+    assert finding.function == "test_wedged_pool_is_reported"
+    assert finding.line == line_of(test_wedged_pool_is_reported, "# the request that finds")
+    assert g.findings == found
+
+
+@BOTH
+async def test_clean_twin_of_the_wedged_pool_is_not_reported() -> None:
+    """The same pool, server, requests and check, without the orphaned connection: the
+    request is served and nothing is reported, though a connection (idle) is kept."""
+    with serve() as server:
+        async with httpx.AsyncClient(limits=ONE_CONNECTION, timeout=SHORT_POOL_WAIT) as client:
+            with Guard() as g, PoolWatch() as watch:
+                leaks = LeakCheck(watch).start()
+                for _ in range(2):
+                    assert (await client.get(server.url)).status_code == 200
+                found = await leaks.check(grace_s=0.1)
+                pool = client._transport._pool  # type: ignore[attr-defined]
+                [kept] = pool.connections
+                assert "IDLE" in repr(kept)
+    assert found == []
+    assert g.findings == []
 
 
 @BOTH

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,7 +39,8 @@ def create_app(config: ShopConfig | None = None) -> FastAPI:
         await app.state.db.dispose()
 
     app = FastAPI(title="shop (broken)", lifespan=lifespan)
-    storage = Path(tempfile.mkdtemp(prefix="shop-uploads-"))
+    storage = Path(config.uploads_dir)
+    storage.mkdir(parents=True, exist_ok=True)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

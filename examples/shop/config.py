@@ -11,3 +11,4 @@ class ShopConfig:
     payments_url: str = "https://payments.example"
     stats_url: str = "http://127.0.0.1:9002"
     database_url: str = "sqlite+aiosqlite:///shop.db"
+    uploads_dir: str = "uploads"  # where uploaded files are stored (created if missing)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,7 +46,8 @@ def create_app(config: ShopConfig | None = None) -> FastAPI:
             yield
             await app.state.db.dispose()
 
-    storage = Path(tempfile.mkdtemp(prefix="shop-uploads-"))
+    storage = Path(config.uploads_dir)
+    storage.mkdir(parents=True, exist_ok=True)
     # Jobs for the out-of-process worker (`python -m shop.worker DIR`), which makes the
     # thumbnails. CPU work in a thread of the web process would still hold the GIL and
     # starve the event loop; a separate process does not.
