@@ -165,6 +165,9 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
 
     async def stallguard_attributed(scope: Scope, receive: Receive, send: Send) -> None:
         if isolate:
+            # Hook this loop first (a TestClient runs each request on a loop of its own):
+            # the request then starts in a step the loop watch times from its beginning.
+            run_enter_hooks()
             await anyio.lowlevel.checkpoint()
         info = RequestInfo(label_of(scope), threading.get_ident())
         token = _current.set(info)

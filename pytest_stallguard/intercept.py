@@ -14,12 +14,13 @@ the client exactly as without the plugin.
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import context, patching
+from . import context, guard, patching
 
 OWNER = "request labels"
 
@@ -29,6 +30,15 @@ TARGETS = (
     ("httpx", "ASGITransport", "httpx", "app", 0, True),
     ("asgi_lifespan", "LifespanManager", "asgi-lifespan", "app", 0, False),
     ("starlette.testclient", "TestClient", "starlette", "app", 0, True),
+)
+
+# Transports that run the app, wrapped at send time too: a client built before the plugin
+# could wrap its constructor (the FastAPI tutorial's module-level ``TestClient(app)``,
+# built while pytest imports the test module) still gets its requests labelled.
+# (module, class, distribution, method, is async)
+SEND_TARGETS = (
+    ("httpx", "ASGITransport", "httpx", "handle_async_request", True),
+    ("starlette.testclient", "_TestClientTransport", "starlette", "handle_request", False),
 )
 
 _patches = patching.Patches(OWNER)
@@ -90,6 +100,60 @@ def install() -> None:
             isolate=isolate,
         )
         _patches.wrap(cls, "__init__", make)
+        _wrapped.add(key)
+    _install_send()
+
+
+def _labelled_transport(transport: Any) -> Any:
+    """A shallow copy of the transport whose app is labelled (the user's object is left
+    as it is), or the transport itself when its app already is."""
+    app = transport.app
+    if getattr(app, context._WRAPPED, False):
+        return transport
+    proxy = copy.copy(transport)
+    proxy.app = context.attributed(app, isolate=True)
+    return proxy
+
+
+def _wrap_send(
+    link: patching.Link, key: tuple[str, str], distribution: str, is_async: bool
+) -> Callable[..., Any]:
+    def label(transport: Any) -> Any:
+        if guard._active is None or key in _off:
+            return transport
+        try:
+            return _labelled_transport(transport)
+        except Exception as exc:  # ours: the request goes out as without the plugin
+            _off.add(key)
+            patching.hook_failed(OWNER, distribution, f"{key[0]}.{key[1]}", exc)
+            return transport
+
+    if is_async:
+
+        @functools.wraps(link.next)
+        async def handle_async_request(self: Any, request: Any) -> Any:
+            return await link.next(label(self), request)
+
+        return handle_async_request
+
+    @functools.wraps(link.next)
+    def handle_request(self: Any, request: Any) -> Any:
+        return link.next(label(self), request)
+
+    return handle_request
+
+
+def _install_send() -> None:
+    for module_name, class_name, distribution, method, is_async in SEND_TARGETS:
+        key = (module_name, f"{class_name}.{method}")
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if key in _wrapped or not isinstance(cls, type) or not hasattr(cls, method):
+            continue
+        make = functools.partial(
+            _wrap_send, key=key, distribution=distribution, is_async=is_async
+        )
+        _patches.wrap(cls, method, make)
         _wrapped.add(key)
 
 
