@@ -14,6 +14,7 @@ the ``time`` functions themselves, so freezegun, which replaces module attribute
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 from asyncio import _get_running_loop
@@ -23,6 +24,7 @@ from typing import Any
 
 import anyio.lowlevel
 
+from . import location
 from .clock import real
 
 
@@ -162,6 +164,8 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
     """
     if getattr(app, _WRAPPED, False):
         return app
+    with contextlib.suppress(Exception):  # where findings point, never a client failure
+        location.add_app(app)
 
     async def stallguard_attributed(scope: Scope, receive: Receive, send: Send) -> None:
         if isolate:

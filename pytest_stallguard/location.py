@@ -24,6 +24,10 @@ def _library_dirs() -> tuple[str, ...]:
 _LIBRARY_DIRS = _library_dirs()
 _root = os.getcwd()
 _cache: dict[str, bool] = {}
+# Installed packages that are the app under test (a server run from its wheel): their
+# frames are the user's code, named relative to the directory they are installed in.
+_app_dirs: dict[str, str] = {}  # package dir -> the directory it is installed in
+_FRAMEWORKS = frozenset({"fastapi", "starlette", "litestar", "quart", "anyio", "pydantic"})
 
 
 def set_root(path: str) -> str:
@@ -38,6 +42,15 @@ def root() -> str:
     return _root
 
 
+def _is_library_path(path: str) -> bool:
+    return (
+        path.startswith(_PLUGIN_DIR)
+        or "site-packages" in path
+        or "dist-packages" in path
+        or (path.startswith(_LIBRARY_DIRS) and not path.startswith(_root + os.sep))
+    )
+
+
 def is_user_file(filename: str) -> bool:
     known = _cache.get(filename)
     if known is not None:
@@ -46,18 +59,62 @@ def is_user_file(filename: str) -> bool:
         result = False
     else:
         path = os.path.abspath(filename)
-        result = not (
-            path.startswith(_PLUGIN_DIR)
-            or "site-packages" in path
-            or "dist-packages" in path
-            or (path.startswith(_LIBRARY_DIRS) and not path.startswith(_root + os.sep))
-        )
+        result = not _is_library_path(path) or any(path.startswith(d) for d in _app_dirs)
     _cache[filename] = result
     return result
 
 
+def add_app_module(module_name: str) -> None:
+    """The app under test is (partly) defined in ``module_name``: when that module's
+    top-level package is installed (site-packages), its frames count as the user's."""
+    top = module_name.partition(".")[0]
+    if not top or top in _FRAMEWORKS or top == __name__.partition(".")[0]:
+        return
+    module = sys.modules.get(top)
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str):
+        return
+    path = os.path.abspath(file)
+    if not _is_library_path(path) or path.startswith(_PLUGIN_DIR):
+        return
+    is_package = os.path.basename(path) == "__init__.py"
+    where = os.path.dirname(path) + os.sep if is_package else path
+    if where not in _app_dirs:
+        _app_dirs[where] = os.path.dirname(os.path.dirname(path) if is_package else path)
+        _cache.clear()
+
+
+def add_app(app: object) -> None:
+    """Note the modules an ASGI app's own code lives in (its route endpoints, its class,
+    the function itself), so an app installed as a package is located in its package."""
+    seen: set[str] = set()
+    stack: list[object] = [app]
+    while stack and len(seen) < 50:
+        obj = stack.pop()
+        target = getattr(obj, "__wrapped__", None) or obj
+        module = getattr(target, "__module__", None) or getattr(type(target), "__module__", "")
+        if isinstance(module, str) and module not in seen:
+            seen.add(module)
+            add_app_module(module)
+        routes = getattr(target, "routes", None)
+        if isinstance(routes, list):
+            for route in routes[:200]:
+                endpoint = getattr(route, "endpoint", None)
+                if endpoint is not None:
+                    module = getattr(endpoint, "__module__", None)
+                    if isinstance(module, str) and module not in seen:
+                        seen.add(module)
+                        add_app_module(module)
+                sub = getattr(route, "app", None)
+                if sub is not None and sub is not target:
+                    stack.append(sub)
+
+
 def relative(filename: str) -> str:
     path = os.path.abspath(filename)
+    for package, installed_in in _app_dirs.items():
+        if path.startswith(package):  # "shopapp/main.py", as the package names it
+            return os.path.relpath(path, installed_in).replace(os.sep, "/")
     try:
         rel = os.path.relpath(path, _root)
     except ValueError:  # another drive on Windows
