@@ -219,10 +219,10 @@ async def test_c_call_holding_the_gil_in_a_request(anyio_backend: Any) -> None:
 async def test_every_stall_is_captured(anyio_backend: Any) -> None:
     app = make_app()
     async with watched(app) as (client, guard, watch):
-        for _ in range(5):
+        for _ in range(3):
             await client.get("/cpu")
             await anyio.sleep(0)  # one step per request (ASGITransport does not yield)
-    assert sum(f.count for f in guard.findings) == 5 == watch.stalls
+    assert sum(f.count for f in guard.findings) == 3 == watch.stalls
     assert {(f.function, f.request) for f in guard.findings} == {("burn", "GET /cpu")}
 
 
@@ -232,9 +232,12 @@ async def test_every_stall_is_captured(anyio_backend: Any) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("path", ["/def/cpu", "/thread/cpu", "/small", "/nothing"])
 async def test_clean_twin_has_no_loop_stall(path: str) -> None:
+    """The twins of /cpu: the same STALL_MS of work in a worker thread (found if the watch
+    blamed worker threads on the loop), and requests of about a millisecond of work, judged
+    at a threshold far above what they take."""
     app = make_app()
     async with watched(app) as (client, guard, _watch):
-        for _ in range(3):
+        for _ in range(2):
             assert (await client.get(path)).status_code == 200
     assert stalls(guard.findings) == []
 
