@@ -703,6 +703,50 @@ async def test_failing_bookkeeping_never_reaches_the_app(
     assert (watch.stalls, guard.findings) == (0, [])
 
 
+@pytest.mark.anyio
+async def test_a_loop_that_cannot_be_hooked_is_left_alone(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """attach() runs inside the app's request path: a hook that cannot be installed (a
+    private attribute that moved) is noted once, leaves nothing half-installed, and the
+    app runs as without the plugin."""
+    library = backend_name(anyio_backend)
+    monkeypatch.setattr(patching, "_warned", set())
+    patching.take_warnings()
+    expected = await exercise(anyio_backend)
+    installed = steps._uvloop_wrapper
+    made: list[str] = []
+
+    def third_fails(st: steps.LoopState, link: patching.Link, delayed: bool) -> Any:
+        made.append("wrapper")
+        if len(made) == 3:  # two of uvloop's call_* already replaced
+            raise AttributeError("forced failure")
+        return installed(st, link, delayed)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise AttributeError("forced failure")
+
+    if library == "uvloop":
+        monkeypatch.setattr(steps, "_uvloop_wrapper", third_fails)
+    else:
+        monkeypatch.setattr(steps, f"hook_{library}", broken)
+    watch = LoopWatch(THRESHOLD_MS)
+    try:
+        watch.attach()
+        watch.attach()  # not retried: noted once
+        assert (watch._mine, ours()) == ({}, [])
+        if library == "uvloop":
+            assert len(made) == 3 and "call_soon" not in vars(asyncio.get_running_loop())
+        got = await exercise(anyio_backend)
+    finally:
+        watch.detach_all()
+    assert got == expected
+    notes = patching.take_warnings()
+    assert len(notes) == 1, notes
+    assert f"loop watch cannot watch {steps.WHAT} with {library} " in notes[0]
+    assert "AttributeError: forced failure" in notes[0]
+
+
 # -- the real clock --------------------------------------------------------------------------
 
 HOLD_MS = 100.0
