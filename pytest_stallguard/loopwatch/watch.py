@@ -8,10 +8,12 @@ trapped calls). A long step is judged at its end, on the loop thread:
   request (not the test's own code, not in a ``Guard.paused()`` window) and a guard is
   armed;
 * a step that was sampled is blamed only if a sample saw it running for a request, at the
-  deepest user line seen; one that was not sampled (a C call holding the GIL to the end of
-  the step) is attributed by its context at the end of the step, located where its task
-  is suspended after it if that is inside the request (said so in the message); a frame
-  outside the request is never named.
+  deepest user line seen, and the samples outside any request before and after it leave
+  the request's part of the step longer than the threshold;
+* one that was not sampled (a C call holding the GIL to the end of the step) is
+  attributed by its context at the end of the step, located where its task is suspended
+  after it if that is inside the request (said so in the message); a frame outside the
+  request is never named.
 
 Steps are timed from the first step that starts after :meth:`LoopWatch.attach`: the step
 that calls ``attach()`` is already running and is not timed.
@@ -182,6 +184,10 @@ class LoopWatch:
         request: str | None = None
         note = ""
         if samples is not None and samples.inside_n:
+            if samples.request_span(start, end) <= self._threshold_s:
+                # Seen running for a request only in a short part of the step (a request
+                # run inline by the test's task, then the test's own code): not the app's.
+                return
             # Seen running for a request: that request, the deepest user line seen.
             loc, request = samples.inside, samples.request
             if loc is None:

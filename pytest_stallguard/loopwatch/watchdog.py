@@ -63,10 +63,19 @@ _cpu = _Cpu()
 class Samples:
     """What the watchdog saw of one long step."""
 
-    __slots__ = ("depth", "guard", "inside", "inside_n", "outside_n", "request")
+    __slots__ = (
+        "depth",
+        "guard",
+        "inside",
+        "inside_n",
+        "outside_after",
+        "outside_before",
+        "outside_n",
+        "request",
+    )
 
     def __init__(self) -> None:
-        self.inside: Location | None = None  # deepest user frame inside a request call
+        self.inside: Location | None = None  # deepest user frame inside a request (latest)
         self.depth = -1
         # the request when the deepest location was seen (else the latest seen): the
         # response may be sent (label "background") before the step ends
@@ -74,6 +83,15 @@ class Samples:
         self.guard: guard.Guard | None = None  # active when sampled
         self.inside_n = 0
         self.outside_n = 0
+        # When it was last seen outside a request before it was first seen inside one, and
+        # first seen outside after it was last seen inside (0.0: not seen): the request's
+        # part of the step lies between them.
+        self.outside_before = 0.0
+        self.outside_after = 0.0
+
+    def request_span(self, start: float, end: float) -> float:
+        """At most how long the step ran for requests (from ``start`` to ``end``)."""
+        return (self.outside_after or end) - (self.outside_before or start)
 
 
 def take_samples(st: LoopState, seq: int) -> Samples | None:
@@ -226,7 +244,9 @@ def sample(st: LoopState, start: float, seq: int) -> None:
         return
     # The live Context of the running step (safe to read under the GIL): which request
     # the loop thread is running for right now, and whether measurement is paused.
+    before = real.perf_counter()
     info = context.info_of(ctx)
+    after = real.perf_counter()
     loc, depth = walk(frame)
     del frame
     with st.lock:
@@ -239,13 +259,21 @@ def sample(st: LoopState, start: float, seq: int) -> None:
             st.sample_seq = seq
         if info is not None:
             samples.inside_n += 1
-            if loc is not None and depth > samples.depth:
+            samples.outside_after = 0.0
+            # the deepest line seen, the latest of equally deep ones: a sample taken late
+            # (the watchdog woke late) may see the first line of a long loop, the later
+            # ones where the time goes
+            if loc is not None and depth >= samples.depth:
                 samples.inside, samples.depth = loc, depth
                 samples.request = info.request
             elif samples.inside is None:
                 samples.request = info.request  # no location yet: the latest label
         else:
             samples.outside_n += 1
+            if not samples.inside_n:
+                samples.outside_before = before
+            elif not samples.outside_after:
+                samples.outside_after = after
 
 
 # -- frames ----------------------------------------------------------------------------------
