@@ -275,8 +275,8 @@ async def test_clean_burst_has_no_loop_stall() -> None:
     app = make_app()
     async with watched(app) as (client, guard, _watch):
         for _ in range(3):
-            # 100 requests ready at once: one loop iteration runs them all, far longer
-            # than the threshold (a heartbeat would call it a stall); no step does.
+            # 100 requests at once: their steps together take far longer than the
+            # threshold (a heartbeat would see a gap); no single step does.
             async with anyio.create_task_group() as tg:
                 for _ in range(100):
                     tg.start_soon(client.get, "/nothing")
