@@ -302,35 +302,42 @@ async def test_nothing_recorded_without_a_guard() -> None:
 @pytest.mark.anyio
 async def test_gc_pause_is_not_blamed_on_the_app() -> None:
     """A step that is long only because of a collection is counted as a GC pause, not a
-    loop-stall (without the GC discount the collection step is one)."""
+    loop-stall (without the GC discount the collection, several times the threshold, is
+    one)."""
     app = make_app()
-    threshold_ms = 30.0
+
+    @app.get("/alloc")
+    async def alloc() -> dict[str, Any]:
+        app.state.junk = junk = []
+        for _ in range(200):  # a big heap of cycles, built in short steps
+            for _ in range(5_000):
+                a: list[Any] = []
+                a.append(a)
+                junk.append(a)
+            await anyio.sleep(0)
+        return {}
 
     @app.get("/gc")
     async def collect() -> dict[str, Any]:
-        junk: list[Any] = []
-        gc.disable()  # only the collection below, in a step of its own
-        try:
-            for _ in range(120):  # a big heap of cycles, built in short steps
-                for _ in range(5_000):
-                    a: list[Any] = []
-                    a.append(a)
-                    junk.append(a)
-                await anyio.sleep(0)
-            del junk, a
-            wall0, cpu0 = real.perf_counter(), time.thread_time()
-            gc.collect()
-            wall, cpu = real.perf_counter() - wall0, time.thread_time() - cpu0
-        finally:
-            gc.enable()
+        app.state.junk = None
+        wall0, cpu0 = real.perf_counter(), time.thread_time()
+        gc.collect()  # at: collect
+        wall, cpu = real.perf_counter() - wall0, time.thread_time() - cpu0
         return {"gc_ms": wall * 1000, "gc_cpu_ms": cpu * 1000}
 
-    async with watched(app, threshold_ms=threshold_ms) as (client, guard, watch):
-        response = await client.get("/gc")
+    gc.disable()  # only the collection of /gc
+    try:
+        async with watched(app) as (client, guard, watch):
+            await client.get("/alloc")
+            response = await client.get("/gc")
+            await anyio.sleep(0)
+    finally:
+        gc.enable()
     gc_ms, gc_cpu_ms = response.json()["gc_ms"], response.json()["gc_cpu_ms"]
-    if gc_cpu_ms <= 2 * threshold_ms:
+    if gc_cpu_ms <= 2 * THRESHOLD_MS:
         pytest.skip(f"the collection took only {gc_cpu_ms:.1f} ms on this machine")
-    assert stalls(guard.findings) == []
+    # (Building the heap is not what this test judges.)
+    assert [f for f in stalls(guard.findings) if f.request == "GET /gc"] == []
     assert watch.gc_pauses >= 1
     assert watch.gc_pause_max_ms >= 0.9 * gc_ms
 
@@ -714,7 +721,7 @@ async def exercise(anyio_backend: Any) -> list[Any]:
             await asyncio.sleep(0.05)
         finally:
             loop.set_exception_handler(None)
-        out.append((ran, [e is error for e in seen]))
+        out.append((sorted(ran), [e is error for e in seen]))
     return out
 
 
