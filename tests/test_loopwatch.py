@@ -607,6 +607,35 @@ def test_a_request_seen_only_briefly_in_a_long_step_is_not_blamed() -> None:
     assert [f.request for f in judged(0.0, 0.0)] == ["GET /short"]
 
 
+def test_the_request_part_of_a_preempted_step_is_its_own_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a busy machine samples are sparse: a request seen up to 100 ms into a 300 ms
+    step of which the loop thread waited 250 ms for a CPU ran for about 17 ms of its own."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    ctx = _request_context("GET /short")
+    start = 100.0
+    st.rq_fd = 1_000_000  # faked: run_queue_ns is patched
+    monkeypatch.setattr(discount, "_now", lambda: start + 0.3)
+
+    def judged(waited_ms: int) -> list[Finding]:
+        monkeypatch.setattr(discount, "run_queue_ns", lambda fd: waited_ms * 1_000_000)
+        st.rq_hist.clear()
+        st.rq_hist.append((start, 0, 0.0))  # a reading at the start of the step
+        samples = watchdog.Samples()
+        samples.inside_n, samples.outside_n = 1, 1
+        samples.inside, samples.depth, samples.request = (THIS_FILE, 1, "f"), 1, "GET /short"
+        samples.outside_after = start + 0.100
+        st.samples, st.sample_seq = samples, st.seq
+        with Guard(threshold_ms=20) as guard:
+            watch._judge(st, start, start + 0.3, ctx, None)
+        return guard.findings
+
+    assert judged(250) == []
+    assert [f.request for f in judged(0)] == ["GET /short"]  # not preempted: blamed
+
+
 def test_samples_bound_the_request_part_of_a_step() -> None:
     watch = LoopWatch(20)
     st = _state(watch)
