@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import intercept, location, patching
+from . import intercept, location, loopwatch, patching
 from .app import load_app
 from .client import StallClient, running
 from .config import MARKER_KEYS, Settings, layer, marker_values
@@ -139,6 +139,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _sessions == 0:
         # The last line of defence (an interrupted run, a hook that never got to its
         # teardown): nothing of ours stays patched once pytest is done.
+        loopwatch.stop_all()
         patching.restore_all()
     old_root = config.stash.get(ROOT_KEY, None)
     if old_root is not None:  # a nested run (pytester) gives the outer one its root back

@@ -1,0 +1,179 @@
+"""Discounting: the part of a long step that is not the app's doing.
+
+* GC: a ``gc.callbacks`` entry (one per :class:`~.watch.LoopWatch`, installed through
+  :mod:`..patching`) logs every collection; a step's GC time is subtracted.
+* Preemption: time the loop thread spent runnable but not running (other processes had
+  the CPU: CPU burners, a busy CI machine), from ``/proc/self/task/<tid>/schedstat`` on
+  Linux. The watchdog reads it at every wake (after sampling, and not while a long step
+  is being sampled) and keeps a few timestamped readings (at most one per running step);
+  the end of a long step reads it again and subtracts the wait since the last reading
+  taken *before the step started* (a reading from partway through the step would leave
+  the wait before it counted as the app's). Wait that may have fallen in the gap between
+  that reading and the step start (at most one poll interval, threshold/4) is counted
+  half: the estimate of the app's time is off by at most threshold/8 either way, and only
+  when the loop was preempted. Nothing reads ``/proc`` on the per-step path.
+* Trapped blocking calls: time inside a call :mod:`..traps` recorded (the blocking-call
+  finding already names it).
+
+All times are ``clock.real.perf_counter`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .. import patching, traps
+from ..clock import real
+
+if TYPE_CHECKING:
+    from .steps import LoopState
+
+
+def _now() -> float:
+    return real.perf_counter()
+
+
+def overlap(intervals: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of ``intervals`` that fall between ``start`` and ``end``."""
+    total = 0.0
+    for a, b in intervals:
+        lo, hi = max(a, start), min(b, end)
+        if hi > lo:
+            total += hi - lo
+    return total
+
+
+# -- GC --------------------------------------------------------------------------------------
+
+
+class GcLog:
+    """The recent collections, ``(start, end)``, from a ``gc.callbacks`` entry."""
+
+    def __init__(self) -> None:
+        self.log: deque[tuple[float, float]] = deque(maxlen=256)
+        self._start = 0.0
+        self._callback = self._on_gc  # one bound method: the entry to remove
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        try:
+            if phase == "start":
+                self._start = real.perf_counter()
+            elif self._start:
+                self.log.append((self._start, real.perf_counter()))
+                self._start = 0.0
+        except Exception:  # pragma: no cover - never an unraisable error in a collection
+            pass
+
+    def install(self, patches: patching.Patches) -> None:
+        gc.callbacks.append(self._callback)
+        patches.undo("gc.callbacks entry", self._remove, target="gc")
+
+    def _remove(self) -> None:
+        while self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def seconds(self, start: float, end: float) -> float:
+        """GC time between ``start`` and ``end``."""
+        return overlap(list(self.log), start, end)
+
+
+# -- trapped blocking calls ------------------------------------------------------------------
+
+
+def blocked_s(st: LoopState, start: float, end: float) -> float:
+    """Time the loop thread spent inside trapped blocking calls between start and end."""
+    return overlap(
+        [(a, b) for thread, a, b in list(traps.recent_blocks) if thread == st.thread],
+        start,
+        end,
+    )
+
+
+# -- preemption ------------------------------------------------------------------------------
+
+
+def open_schedstat(native_id: int) -> int:
+    """The loop thread's schedstat file, or -1. Opened by the watchdog thread, never on the
+    loop (the traps would see the open)."""
+    try:
+        return os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+    except OSError:
+        return -1
+
+
+def close_schedstat(st: LoopState) -> None:
+    fd, st.rq_fd = st.rq_fd, -1
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def run_queue_ns(fd: int) -> int:
+    """Time the thread spent runnable but not running (preempted by other processes), from
+    ``/proc/self/task/<tid>/schedstat`` (Linux); -1 when unreadable."""
+    try:
+        return int(os.pread(fd, 128, 0).split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def read_run_queue(st: LoopState) -> None:
+    """Watchdog: append a timestamped run-queue reading of the loop thread to its history.
+
+    A reading taken wholly inside a step that is still running replaces the previous one
+    taken inside that same step, so a long step never pushes the reading from before its
+    start out of the history."""
+    start = st.start
+    before = _now()
+    rq = run_queue_ns(st.rq_fd)  # releases the GIL
+    after = _now()
+    if rq < 0:
+        return
+    inside = start if start and start == st.start and start < before else 0.0
+    with st.lock:
+        hist = st.rq_hist
+        if inside and hist and hist[-1][2] == inside:
+            hist[-1] = (after, rq, inside)
+        else:
+            hist.append((after, rq, inside))
+
+
+def preempted_s(st: LoopState, start: float, duration: float) -> float:
+    """Loop thread, at the end of a long step: the run-queue wait of the step that started
+    at ``start``, from the last reading taken before the start; the part of it that could
+    have fallen outside the step (between that reading and the start) is counted half. The
+    reading taken here is kept as the baseline of the steps after this one.
+
+    Without a reading from before the start (a step that started before the watchdog's
+    first reading after attach()), the time from the start to the oldest reading is taken
+    as waiting at the rate measured after it, if that was measured over at least as long;
+    else only the wait measured after it counts. 0.0 without schedstat."""
+    if st.rq_fd < 0:
+        return 0.0
+    now_rq = run_queue_ns(st.rq_fd)
+    now = _now()
+    if now_rq < 0:
+        return 0.0
+    with st.lock:
+        hist = list(st.rq_hist)
+        st.rq_hist.append((now, now_rq, 0.0))
+    if not hist:
+        return 0.0
+    for t, rq, _ in reversed(hist):
+        if t <= start:
+            # The wait since the reading may have fallen before the step (the loop thread
+            # woken from select waits for a CPU too under load) or after it: of what could
+            # have, half is counted (exact bounds: all of it or none).
+            wait = max((now_rq - rq) / 1e9, 0.0)
+            outside = max((start - t) + (now - start - duration), 0.0)
+            return min(wait - min(wait, outside) / 2.0, duration)
+    base_t, base_rq, _ = hist[0]
+    known = max((now_rq - base_rq) / 1e9, 0.0)
+    unknown = base_t - start
+    if now - base_t >= unknown:
+        known += unknown * min(known / (now - base_t), 1.0)
+    return min(known, duration)

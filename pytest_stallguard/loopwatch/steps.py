@@ -1,0 +1,290 @@
+"""Step timing: the hooks that time every step of an attached loop.
+
+* asyncio: ``asyncio.events.Handle._run`` is wrapped (a class attribute: one layer per
+  attached loop, handles of other loops pass straight through);
+* uvloop: it has no ``asyncio.Handle``; the loop's ``call_soon``, ``call_later``,
+  ``call_at`` and ``call_soon_threadsafe`` are replaced by instance attributes that wrap
+  each callback (task steps and future callbacks go through them; uvloop's own transport
+  callbacks do not, and in-process ASGI uses none);
+* trio: an instrument with ``before_task_step``/``after_task_step``.
+
+Every hook is installed through :mod:`..patching` with the loop's own
+:class:`~pytest_stallguard.patching.Patches`, so detaching a loop takes exactly its hooks
+off. A step stores its number, live ``contextvars.Context`` and start time in plain
+attributes of the loop's :class:`LoopState` (read by the watchdog); nothing else happens
+unless the step ran longer than the threshold.
+
+Never raise into the app: when our bookkeeping around a step fails, the step runs (exactly
+once, its exceptions untouched), :func:`patching.hook_failed` notes it, and the loop is no
+longer watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.events
+import contextlib
+import contextvars
+import functools
+import sys
+import threading
+from collections import deque
+from collections.abc import Callable
+from types import CodeType
+from typing import TYPE_CHECKING, Any
+
+from .. import patching
+from ..clock import real
+
+if TYPE_CHECKING:
+    from .watch import LoopWatch
+    from .watchdog import Samples
+
+OWNER = "loop watch"
+WHAT = "the steps of its event loop"
+UVLOOP_METHODS = ("call_soon", "call_soon_threadsafe", "call_later", "call_at")
+
+
+class LoopState:
+    """One attached loop: its hooks, and what its thread is running (read by the watchdog)."""
+
+    __slots__ = (
+        "active",
+        "ctx",
+        "end",
+        "kind",
+        "lock",
+        "loop",
+        "native_id",
+        "patches",
+        "rq_fd",
+        "rq_hist",
+        "sample_seq",
+        "samples",
+        "seq",
+        "start",
+        "thread",
+        "token",
+        "watch",
+    )
+
+    def __init__(self, watch: LoopWatch, kind: str, loop: Any, token: Any = None) -> None:
+        self.watch = watch
+        self.kind = kind  # the library, as named in a hook failure: asyncio, uvloop, trio
+        self.loop = loop
+        self.token = token  # trio: the run's TrioToken
+        self.patches = patching.Patches(OWNER)
+        self.thread = threading.get_ident()
+        self.native_id = threading.get_native_id()
+        self.rq_fd = -2  # /proc schedstat of the loop thread: -2 not opened yet, -1 none
+        # (real.perf_counter after the read, run-queue wait in ns, start of the step it was
+        # read wholly inside or 0.0), appended by the watchdog at every wake
+        self.rq_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
+        self.active = True
+        self.start = 0.0  # real.perf_counter at the start of the running step, 0.0 idle
+        self.ctx: contextvars.Context | None = None  # the running step's live Context
+        self.end = 0.0  # real.perf_counter at the end of the last step
+        self.seq = 0
+        self.lock = threading.Lock()
+        self.samples: Samples | None = None  # of the step numbered sample_seq
+        self.sample_seq = -1
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        """Our bookkeeping failed: stop watching this loop (steps run straight through)
+        and note it once as a warning. Never raises."""
+        self.active = False
+        self.start = 0.0
+        with contextlib.suppress(Exception):  # nothing of ours may reach the app
+            patching.hook_failed(OWNER, self.kind, what, exc)
+
+
+# -- the bookkeeping of one step (module functions: a test makes them fail on purpose) -----
+
+
+def _begin(st: LoopState, ctx: contextvars.Context | None) -> float:
+    st.seq += 1
+    st.ctx = ctx
+    start = st.start = real.perf_counter()
+    return start
+
+
+def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: Any) -> None:
+    end = st.end = real.perf_counter()
+    st.start = 0.0
+    if st.active and end - start > st.watch._threshold_s:
+        st.watch._judge(st, start, end, ctx, owner)
+
+
+def _context_for(context: contextvars.Context | None) -> contextvars.Context:
+    # Made here (as uvloop would) so the step knows the live Context it runs in: the
+    # watchdog reads the request from it while the step runs.
+    return context if context is not None else contextvars.copy_context()
+
+
+# -- asyncio ---------------------------------------------------------------------------------
+
+
+def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
+    """Time the handles of ``loop``: one layer on ``Handle._run``."""
+
+    def make(link: patching.Link) -> Callable[[asyncio.Handle], None]:
+        def _run(self: asyncio.Handle) -> None:
+            if self._loop is not loop or not st.active:  # type: ignore[attr-defined]
+                return link.next(self)  # type: ignore[no-any-return]
+            try:
+                ctx = self._context  # type: ignore[attr-defined]
+                start = _begin(st, ctx)
+            except Exception as exc:
+                st.fail(WHAT, exc)
+                return link.next(self)  # type: ignore[no-any-return]
+            try:
+                return link.next(self)  # type: ignore[no-any-return]
+            finally:
+                try:
+                    _end(st, start, ctx, self._callback)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    st.fail(WHAT, exc)
+
+        BOUNDARY_CODES.add(_run.__code__)
+        return functools.wraps(link.next)(_run)
+
+    st.patches.wrap(asyncio.events.Handle, "_run", make)
+
+
+# -- uvloop ----------------------------------------------------------------------------------
+
+
+def _uvloop_step(
+    st: LoopState, ctx: contextvars.Context, callback: Callable[..., Any], *args: Any
+) -> Any:
+    """Runs one uvloop callback (scheduled through the wrappers below), timed."""
+    if not st.active:
+        return callback(*args)
+    try:
+        start = _begin(st, ctx)
+    except Exception as exc:
+        st.fail(WHAT, exc)
+        return callback(*args)
+    try:
+        return callback(*args)
+    finally:
+        try:
+            _end(st, start, ctx, callback)
+        except Exception as exc:
+            st.fail(WHAT, exc)
+
+
+def _uvloop_wrapper(st: LoopState, link: patching.Link, delayed: bool) -> Callable[..., Any]:
+    step = _uvloop_step
+    if delayed:  # call_later(delay, ...), call_at(when, ...)
+
+        def call_timed(when: Any, callback: Any, *args: Any, context: Any = None) -> Any:
+            if st.active:
+                try:
+                    ctx = _context_for(context)
+                except Exception as exc:
+                    st.fail(WHAT, exc)
+                else:
+                    return link.next(when, step, st, ctx, callback, *args, context=ctx)
+            return link.next(when, callback, *args, context=context)
+
+        return functools.wraps(link.next)(call_timed)
+
+    def call(callback: Any, *args: Any, context: Any = None) -> Any:
+        if st.active:
+            try:
+                ctx = _context_for(context)
+            except Exception as exc:
+                st.fail(WHAT, exc)
+            else:
+                return link.next(step, st, ctx, callback, *args, context=ctx)
+        return link.next(callback, *args, context=context)
+
+    return functools.wraps(link.next)(call)
+
+
+def hook_uvloop(st: LoopState, loop: Any) -> None:
+    """Time the callbacks scheduled on ``loop``: instance attributes over its call_*."""
+    for name in UVLOOP_METHODS:
+        delayed = name in ("call_later", "call_at")
+
+        def make(link: patching.Link, delayed: bool = delayed) -> Callable[..., Any]:
+            return _uvloop_wrapper(st, link, delayed)
+
+        st.patches.wrap(loop, name, make)
+
+
+# -- trio ------------------------------------------------------------------------------------
+
+
+class TrioInstrument:
+    """trio instrument timing each task step (duck-typed trio.abc.Instrument)."""
+
+    def __init__(self, st: LoopState) -> None:
+        self.st = st
+        self._start = 0.0
+
+    def before_task_step(self, task: Any) -> None:
+        st = self.st
+        self._start = 0.0
+        if not st.active:
+            return
+        try:
+            self._start = _begin(st, task.context)
+        except Exception as exc:
+            st.fail(WHAT, exc)
+
+    def after_task_step(self, task: Any) -> None:
+        st = self.st
+        start, self._start = self._start, 0.0
+        if not st.active or not start:
+            return
+        try:
+            _end(st, start, task.context, task)
+        except Exception as exc:
+            st.fail(WHAT, exc)
+
+
+def hook_trio(st: LoopState) -> None:
+    """Time the task steps of the running trio run: an instrument, removed by
+    ``st.patches`` (inside that run; a run that is over took it with it)."""
+    lowlevel = sys.modules["trio"].lowlevel
+    instrument = TrioInstrument(st)
+
+    def remove() -> None:
+        st.active = False
+        try:
+            if lowlevel.current_trio_token() is st.token:
+                lowlevel.remove_instrument(instrument)
+        except (RuntimeError, KeyError, ValueError):
+            pass  # not inside that run (it is over): the instrument went with it
+
+    lowlevel.add_instrument(instrument)
+    st.patches.undo("instrument", remove, target="trio run")
+
+
+_trio_context: Any = None
+
+
+def trio_runner() -> Any:
+    """The trio run of this thread (an identity for attach()), or None: cheap."""
+    global _trio_context
+    if _trio_context is None:
+        if "trio" not in sys.modules:
+            return None
+        try:
+            from trio._core import _run  # the run's thread-local: no public cheap check
+
+            _trio_context = _run.GLOBAL_RUN_CONTEXT
+        except (ImportError, AttributeError):  # pragma: no cover - other trio layouts
+            _trio_context = False
+    if _trio_context is False:  # pragma: no cover
+        try:
+            return sys.modules["trio"].lowlevel.current_trio_token()
+        except RuntimeError:
+            return None
+    return getattr(_trio_context, "runner", None)
+
+
+# The frames that run one loop step: the watchdog's stack walk stops there.
+BOUNDARY_CODES: set[CodeType] = {_uvloop_step.__code__}

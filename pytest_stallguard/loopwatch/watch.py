@@ -1,0 +1,240 @@
+""":class:`LoopWatch`: attach to loops, judge their long steps, record loop-stall findings.
+
+The parts: :mod:`.steps` times each step, :mod:`.watchdog` samples the loop thread while a
+long step runs, :mod:`.discount` takes off what is not the app's doing (GC, preemption,
+trapped calls). A long step is judged at its end, on the loop thread:
+
+* blamed only when, after the discounts, it is still over the threshold, it ran for a
+  request (not the test's own code, not in a ``Guard.paused()`` window) and a guard is
+  armed;
+* a step that was sampled is blamed only if a sample saw it running for a request, at the
+  deepest user line seen, and the samples outside any request before and after it leave
+  the request's part of the step longer than the threshold;
+* one that was not sampled (a C call holding the GIL to the end of the step) is
+  attributed by its context at the end of the step, located where its task is suspended
+  after it if that is inside the request (said so in the message); a frame outside the
+  request is never named.
+
+Steps are timed from the first step that starts after :meth:`LoopWatch.attach`: the step
+that calls ``attach()`` is already running and is not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.events
+import contextvars
+import sys
+import weakref
+from typing import Any
+
+from .. import context, guard, patching
+from ..location import Location
+from ..model import DOCS
+from . import discount, steps, watchdog
+from .steps import LoopState
+
+ADVICE = (
+    "CPU work or a blocking call in the request: move it to a worker thread "
+    "(await anyio.to_thread.run_sync(...)) or a process pool"
+)
+
+_watches: weakref.WeakSet[LoopWatch] = weakref.WeakSet()  # started or attached
+
+
+def stop_all() -> None:
+    """Stop every watchdog thread and take every loop hook off (an interrupted run).
+    Never raises; each join is bounded."""
+    for watch in list(_watches):
+        try:
+            watch.stop()
+            watch.detach_all()
+        except Exception:  # pragma: no cover - never keep the others on
+            pass
+
+
+class LoopWatch:
+    """Times every loop step and records loop-stall findings into the active guard."""
+
+    def __init__(self, threshold_ms: float, *, gil: bool = True) -> None:
+        if threshold_ms <= 0:
+            raise ValueError(f"LoopWatch(threshold_ms={threshold_ms!r}): give a positive number")
+        self.threshold_ms = float(threshold_ms)
+        self._threshold_s = self.threshold_ms / 1000.0
+        self._sample_after_s = self._threshold_s / 2.0
+        self.interval_s = min(max(self._threshold_s / 4.0, 0.001), 0.05)
+        self.gil = gil  # look for threads starving the loop of the GIL
+        self.gc_pauses = 0  # steps over the threshold only because of garbage collection
+        self.gc_pause_max_ms = 0.0
+        self.preempted = 0  # steps over the threshold only because the OS preempted the loop
+        self.stalls = 0  # loop-stall findings recorded (before folding)
+        self._mine: dict[Any, LoopState] = {}  # loop or trio runner -> state
+        self._failed: set[Any] = set()  # loops/runs attach() could not hook
+        self._patches = patching.Patches(steps.OWNER)  # the GC log's gc.callbacks entry
+        self._gc = discount.GcLog()
+        self._watchdog = watchdog.Watchdog(self)
+
+    @property
+    def _thread(self) -> Any:
+        return self._watchdog.thread
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the watchdog thread and the GC log (idempotent)."""
+        if self._watchdog.thread is not None:
+            return
+        _watches.add(self)
+        if not self._patches:
+            self._gc.install(self._patches)
+        self._watchdog.start()
+
+    def stop(self) -> None:
+        """Stop and join the watchdog (bounded wait) and the GC log. Loop hooks stay until
+        :meth:`detach_all`."""
+        self._watchdog.stop(timeout=max(1.0, 4 * self.interval_s))
+        self._patches.restore()
+        if not self._mine:
+            _watches.discard(self)
+
+    def attach(self) -> None:
+        """Time the steps of the running loop (call from inside it; idempotent, cheap).
+        Never raises: a loop that cannot be hooked is noted once and left unwatched."""
+        loop = asyncio.events._get_running_loop()
+        key = loop if loop is not None else steps.trio_runner()
+        if key is None or key in self._mine or key in self._failed:
+            return
+        kind = "trio" if loop is None else "asyncio"
+        if loop is not None and not isinstance(loop, asyncio.BaseEventLoop):
+            kind = "uvloop"  # and other loops without asyncio.Handle
+        st: LoopState | None = None
+        try:
+            _watches.add(self)
+            for other in list(_watches):  # one watch per loop: the newest
+                if other is not self and key in other._mine:
+                    other._detach_one(key)
+            if loop is None:
+                token = sys.modules["trio"].lowlevel.current_trio_token()
+                st = LoopState(self, kind, None, token)
+                steps.hook_trio(st)
+            else:
+                st = LoopState(self, kind, loop)
+                if kind == "asyncio":
+                    steps.hook_asyncio(st, loop)
+                else:
+                    steps.hook_uvloop(st, loop)
+            self._mine[key] = st
+        except Exception as exc:
+            self._failed.add(key)
+            if st is not None:
+                st.active = False
+                st.patches.restore()
+            patching.hook_failed(steps.OWNER, kind, steps.WHAT, exc)
+            return
+        for closed in [lp for lp in self._mine if _is_closed(lp)]:
+            self._detach_one(closed)
+
+    def _detach_one(self, key: Any) -> None:
+        st = self._mine.pop(key, None)
+        if st is None:
+            return
+        st.active = False
+        st.patches.restore()
+        discount.close_schedstat(st)
+
+    def detach_all(self) -> None:
+        """Undo every attach: Handle._run, uvloop instance attributes, trio instruments
+        (removed when called inside that trio run, else dropped with the run)."""
+        for key in list(self._mine):
+            self._detach_one(key)
+        self._failed.clear()
+        if self._watchdog.thread is None:
+            _watches.discard(self)
+
+    # -- the end of a long step (loop thread) -----------------------------------------------
+    def _judge(
+        self,
+        st: LoopState,
+        start: float,
+        end: float,
+        ctx: contextvars.Context | None,
+        owner: Any,
+    ) -> None:
+        samples = watchdog.take_samples(st, st.seq)
+        duration = end - start
+        gc_s = self._gc.seconds(start, end)
+        blocked_s = discount.blocked_s(st, start, end)
+        # Preempted by other processes (CPU burners, a busy CI box): not the app's doing.
+        # Against the last reading taken before the step started.
+        preempted_s = discount.preempted_s(st, start, duration)
+        if duration - gc_s - blocked_s - preempted_s <= self._threshold_s:
+            if gc_s > 0 and duration - blocked_s - preempted_s > self._threshold_s:
+                self.gc_pauses += 1
+                self.gc_pause_max_ms = max(self.gc_pause_max_ms, gc_s * 1000.0)
+            elif preempted_s > 0 and duration - blocked_s > self._threshold_s:
+                self.preempted += 1
+            return
+        if ctx is not None and ctx.get(context._paused, False):
+            return
+        # The guard active now, or when the step was sampled (a step can run past the end
+        # of a test window that ended inside it).
+        g = guard.active() or (samples.guard if samples is not None else None)
+        if g is None:
+            return
+        loc: Location | None = None
+        request: str | None = None
+        note = ""
+        if samples is not None and samples.inside_n:
+            # Seen running for a request only in a short part of the step (a request run
+            # inline by the test's task, then the test's own code): not the app's. The
+            # part is scaled by the share of the step the loop thread was not preempted
+            # (sparse samples on a busy machine leave a wide span).
+            own = (duration - preempted_s) / duration if duration > 0 else 1.0
+            if samples.request_span(start, end) * own <= self._threshold_s:
+                return
+            # Seen running for a request: that request, the deepest user line seen.
+            loc, request = samples.inside, samples.request
+            if loc is None:
+                loc, _ = watchdog.suspended(owner)
+            if loc is None:
+                note = " (no line of the project's code was on the stack when it was sampled)"
+        elif samples is not None:
+            return  # sampled, never running for a request: the test's own code, paused...
+        else:
+            # Not sampled (a C call holding the GIL to the end of the step): the context
+            # at the end of the step, and where its task is suspended now.
+            info = context.info_of(ctx)
+            if info is None:
+                return
+            loc, _ = watchdog.suspended(owner)
+            if loc is not None:
+                note = " (where the request was suspended after the step: the stack could "
+                note += "not be sampled while it ran)"
+            else:
+                note = " (the location could not be sampled: a C call held the GIL to the "
+                note += "end of the step)"
+            request = info.request
+        if request is None:
+            return
+        file, line, function = loc if loc is not None else (None, None, None)
+        if file is None:
+            where = "" if note else " at <unknown location>"
+        else:
+            where = f" at {file}:{line}" + (f" ({function})" if function else "")
+        message = (
+            f"The event loop was blocked for {duration * 1000.0:.1f} ms during "
+            f"{request}{where}{note} ({ADVICE}). See {DOCS}loop-stall"
+        )
+        self.stalls += 1
+        g.record(
+            "loop-stall",
+            message,
+            location=(file, line, function),
+            request=request,
+            duration_ms=duration * 1000.0,
+            call="step",
+        )
+
+
+def _is_closed(loop: Any) -> bool:
+    is_closed = getattr(loop, "is_closed", None)
+    return bool(is_closed()) if callable(is_closed) else False
