@@ -9,7 +9,7 @@ import traceback
 import warnings
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import pytest
 
@@ -355,20 +355,47 @@ def _warn_hook_failures() -> None:
             warnings.warn(StallguardWarning(note), stacklevel=2)
 
 
-@pytest.hookimpl(wrapper=True)
+def _findings_text(error: StallFindings) -> str:
+    text = str(error)
+    if error.__cause__ is not None:
+        text += (
+            "\n\nThe test itself also failed (probably for the same reason): "
+            f"{type(error.__cause__).__name__}: {error.__cause__}"
+        )
+    return text
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> pytest.TestReport | None:
+    """A test that failed on findings gets their text as its failure, and no traceback:
+    the findings name the lines. (Formatting the traceback would parse source files for
+    nothing, and on CPython 3.11 that parse can fail with "AST constructor recursion depth
+    mismatch", python/cpython#106905.)"""
+    if call.excinfo is None or not call.excinfo.errisinstance(StallFindings):
+        return None
+    sections = [
+        (f"Captured {key} {when}", content) for when, key, content in item._report_sections
+    ]
+    return pytest.TestReport(
+        item.nodeid,
+        item.location,
+        dict.fromkeys(item.keywords, 1),
+        "failed",
+        _findings_text(cast(StallFindings, call.excinfo.value)),
+        cast(Literal["setup", "call", "teardown"], call.when),
+        sections,
+        call.duration,
+        user_properties=item.user_properties,
+    )
+
+
+@pytest.hookimpl(wrapper=True, specname="pytest_runtest_makereport")
+def pytest_runtest_makereport_record(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    if call.excinfo is not None and call.excinfo.errisinstance(StallFindings):
-        error = call.excinfo.value
-        text = str(error)
-        if error.__cause__ is not None:
-            text += (
-                "\n\nThe test itself also failed (probably for the same reason): "
-                f"{type(error.__cause__).__name__}: {error.__cause__}"
-            )
-        report.longrepr = text
     run = item.stash.get(RUN_KEY, None)
     if run is None:
         return report
