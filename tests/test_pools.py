@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from sqlalchemy.engine.base import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool.base import Pool
 from sqlalchemy.pool.impl import QueuePool
+from sqlalchemy.util import get_cls_kwargs
 
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
@@ -476,3 +480,98 @@ async def test_patches_can_be_undone_in_any_order() -> None:
     watch.stop()
     assert anyio.to_thread.run_sync is original
     assert anyio.to_thread.current_default_thread_limiter().total_tokens == 40
+
+
+# -- wrappers keep the app's calls as they are ------------------------------------------
+
+
+def use_engine(url: str, kwargs: dict[str, Any], caplog: pytest.LogCaptureFixture
+               ) -> tuple[tuple[Any, ...], list[str]]:
+    """What the app sees of an engine made with ``kwargs``, and what its echo logged."""
+    caplog.clear()
+    engine = sqlalchemy.create_engine(url, **kwargs)
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(text("select 1")).scalar()
+        pool = engine.pool
+        seen = (value, engine.echo, type(pool).__name__, pool._pre_ping,  # type: ignore[attr-defined]
+                pool._recycle, pool.size(), pool._max_overflow)  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+    logged = [
+        re.sub(r"\[[^]]*\]|\d+(\.\d+)?|0x[0-9a-f]+", "#", r.getMessage())
+        for r in caplog.records if r.name.startswith("sqlalchemy.engine")
+    ]
+    return seen, logged
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"echo": False}, id="echo-False"),
+        pytest.param({"echo": True}, id="echo-True"),
+        pytest.param({"echo": "debug", "pool_pre_ping": True}, id="echo-debug-pre-ping"),
+        pytest.param({"pool_pre_ping": True, "pool_recycle": 60, "pool_size": 3,
+                      "max_overflow": 1, "pool_timeout": 2}, id="pool-arguments"),
+    ],
+)
+def test_create_engine_arguments_work_as_without_the_watch(
+    kwargs: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 7: ``create_engine(url, echo=False)`` raised TypeError under the plugin."""
+    # echo=True would add a stdout handler for the rest of the process; records still
+    # reach caplog through propagation.
+    monkeypatch.setattr(logging.getLogger("sqlalchemy.engine.Engine"), "handlers",
+                        [logging.NullHandler()])
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    without = use_engine(url, kwargs, caplog)
+    with PoolWatch():
+        watched = use_engine(url, kwargs, caplog)
+    assert watched == without
+    echoing = kwargs.get("echo", False) is not False
+    assert bool(without[1]) == echoing  # echo on logs the statement, off logs nothing
+
+
+def originals() -> dict[str, Callable[..., Any]]:
+    import asyncpg.pool  # type: ignore[import-untyped]
+
+    classes: list[type] = [Engine, QueuePool, httpx.AsyncClient, httpx.Client,
+                           httpcore.AsyncConnectionPool, httpcore.ConnectionPool,
+                           asyncpg.pool.Pool]
+    return {cls.__qualname__: cls.__init__ for cls in classes}  # type: ignore[misc]
+
+
+def test_init_wrappers_have_the_original_parameters() -> None:
+    """What create_engine reads (the code object's names) and inspect.signature agree."""
+    pytest.importorskip("asyncpg")
+    before = originals()
+    engine_kwargs, pool_kwargs = get_cls_kwargs(Engine), get_cls_kwargs(QueuePool)
+    with ShrinkPools() as shrink, PoolWatch():
+        shrink.apply({"sqlalchemy": 2, "httpx": 2, "asyncpg": 2})
+        during = originals()
+        assert all(during[name] is not before[name] for name in before)  # all wrapped
+        for name, init in during.items():
+            assert inspect.signature(init) == inspect.signature(before[name]), name
+            assert inspect.signature(init, follow_wrapped=False) == inspect.signature(
+                before[name], follow_wrapped=False), name
+        assert get_cls_kwargs(Engine) == engine_kwargs
+        assert get_cls_kwargs(QueuePool) == pool_kwargs
+        engine = sqlalchemy.create_engine("sqlite://", echo=False)
+        assert engine.echo is False
+        engine.dispose()
+    assert originals() == before
+
+
+def test_apply_shrinks_engines_made_with_any_arguments(tmp_path: Path) -> None:
+    with ShrinkPools() as shrink:
+        shrink.apply({"sqlalchemy": 2})
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 's.db'}", echo=False,
+                                          pool_size=9, max_overflow=4, pool_pre_ping=True)
+    try:
+        assert (engine.pool.size(), engine.pool._max_overflow) == (2, 0)  # type: ignore[attr-defined]
+        assert engine.pool._pre_ping is True  # type: ignore[attr-defined]
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+    finally:
+        engine.dispose()
