@@ -47,7 +47,7 @@ from .pools.httpx import StuckPool, stuck_connections, stuck_pools
 __all__ = ["LeakCheck", "stuck_connections"]
 
 THREAD_START = "threading.Thread.start"
-TASK_FACTORY = "the loop's task factory"
+TASK_FACTORY = "task factory"
 
 TASK_HELP = (
     "A task nobody awaits outlives its request: it keeps connections and memory, its "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +47,16 @@ class Broken:
         raise RuntimeError("bookkeeping broken on purpose")
 
 
-@pytest.fixture
-def notes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The hook-failure notes of this test (the once-per-process memory starts empty)."""
+def fresh_notes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Where a test collects hook-failure notes (the once-per-process memory starts empty)."""
     monkeypatch.setattr(patching, "_warned", set())
     patching.take_warnings()
-    found: list[str] = []
-    yield found
-    patching.take_warnings()
+    return []
+
+
+@pytest.fixture
+def notes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    return fresh_notes(monkeypatch)
 
 
 def broken(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> Broken:
@@ -142,11 +143,12 @@ async def test_httpx_transport_watch(monkeypatch: pytest.MonkeyPatch, notes: lis
                                      helper: str) -> None:
     stand_in = broken(monkeypatch, HttpxWatch, helper)
     with serve() as server:
-        async with httpx.AsyncClient(timeout=5.0) as upstream:
-            async with asgi_client(upstream_app(upstream, server.url)) as client:
-                with Guard(), PoolWatch():
-                    first = await client.get("/pay")
-                    second = await client.get("/pay")
+        async with httpx.AsyncClient(timeout=5.0) as upstream, asgi_client(
+            upstream_app(upstream, server.url)
+        ) as client:
+            with Guard(), PoolWatch():
+                first = await client.get("/pay")
+                second = await client.get("/pay")
         assert len(server.calls) == 2  # one upstream call per request
     assert [first.json(), second.json()] == [{"status": 200}] * 2
     assert stand_in.calls == 1
@@ -160,10 +162,11 @@ async def test_httpx_transport_error_path(monkeypatch: pytest.MonkeyPatch,
     with serve() as server:
         url = server.url
     # The server is gone: connecting fails with the app's own ConnectError.
-    async with httpx.AsyncClient(timeout=5.0) as upstream:
-        async with asgi_client(upstream_app(upstream, url)) as client:
-            with Guard(), PoolWatch():
-                response = await client.get("/pay")
+    async with httpx.AsyncClient(timeout=5.0) as upstream, asgi_client(
+        upstream_app(upstream, url)
+    ) as client:
+        with Guard(), PoolWatch():
+            response = await client.get("/pay")
     assert response.json() == {"error": "ConnectError"}
     assert stand_in.calls == 1
     named(notes, "httpx", "httpx transport requests")
@@ -182,11 +185,12 @@ def test_httpx_sync_transport_watch(monkeypatch: pytest.MonkeyPatch, notes: list
 async def test_httpcore_pool_wait(monkeypatch: pytest.MonkeyPatch, notes: list[str]) -> None:
     stand_in = broken(monkeypatch, httpx_pools, "_add_wait")
     with serve() as server:
-        async with httpx.AsyncClient(timeout=5.0) as upstream:
-            async with asgi_client(upstream_app(upstream, server.url)) as client:
-                with Guard(), PoolWatch():
-                    first = await client.get("/pay")
-                    second = await client.get("/pay")
+        async with httpx.AsyncClient(timeout=5.0) as upstream, asgi_client(
+            upstream_app(upstream, server.url)
+        ) as client:
+            with Guard(), PoolWatch():
+                first = await client.get("/pay")
+                second = await client.get("/pay")
         assert len(server.calls) == 2
     assert [first.json(), second.json()] == [{"status": 200}] * 2
     assert stand_in.calls == 1
