@@ -367,3 +367,38 @@ async def test_leak_check_hooks(monkeypatch: pytest.MonkeyPatch, notes: list[str
     # Standard-library hooks: the note names the hook (there is no distribution version).
     assert what in note and library in note
     assert "bookkeeping broken on purpose" in note
+
+
+# -- a library whose internals moved --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "helper", "library", "what"),
+    [
+        (HttpxWatch, "_install_waits", "httpcore", "httpcore pool waits"),
+        (SqlalchemyWatch, "install", "sqlalchemy", "sqlalchemy pools (install)"),
+    ],
+)
+async def test_watch_starts_without_what_it_cannot_install(
+    monkeypatch: pytest.MonkeyPatch, notes: list[str], tmp_path: Path, target: Any,
+    helper: str, library: str, what: str,
+) -> None:
+    """A private attribute that moved turns that part off; the rest still watches."""
+    broken(monkeypatch, target, helper)
+    ran: list[int] = []
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    app = threads_app(ran)
+    app.mount("/db", db_app(engine))
+    try:
+        with serve() as server:
+            async with httpx.AsyncClient(timeout=5.0) as upstream, asgi_client(app) as client:
+                with Guard(), PoolWatch() as watch:
+                    assert (await upstream.get(server.url)).status_code == 200
+                    assert (await client.get("/report")).json() == {"rows": 7}
+                    assert (await client.get("/db/count")).json() == {"one": 1}
+    finally:
+        engine.dispose()
+    kinds = {s.kind for s in watch.stats()}
+    assert {"threadpool", "httpx"} <= kinds  # still watched
+    assert ("sqlalchemy" in kinds) == (library != "sqlalchemy")
+    named(notes, library, what)

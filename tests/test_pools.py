@@ -575,3 +575,34 @@ def test_apply_shrinks_engines_made_with_any_arguments(tmp_path: Path) -> None:
             assert conn.execute(text("select 1")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_same_signature_forwards_every_kind_of_parameter() -> None:
+    from pytest_stallguard.pools.common import same_signature
+
+    def original(a: int, /, b: int = 1, *args: int, c: int, d: int = 2, **kw: int) -> Any:
+        return (a, b, args, c, d, kw)
+
+    def keyword_only(self: object, *, e: int, f: int = 3) -> Any:
+        return (self, e, f)
+
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def body_of(func: Callable[..., Any]) -> Callable[..., Any]:
+        def body(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            seen.append((args, kwargs))
+            return func(*args, **kwargs)
+
+        return same_signature(func, body)
+
+    wrapped, wrapped_kw = body_of(original), body_of(keyword_only)
+    for func in (original, keyword_only):
+        twin = body_of(func)
+        assert inspect.signature(twin, follow_wrapped=False) == inspect.signature(func)
+        assert twin.__name__ == func.__name__ and twin.__wrapped__ is func  # type: ignore[attr-defined]
+    assert wrapped(0, c=3) == original(0, c=3)
+    assert wrapped(0, 5, 6, 7, c=3, z=9) == original(0, 5, 6, 7, c=3, z=9)
+    assert wrapped_kw("s", e=1) == keyword_only("s", e=1)
+    with pytest.raises(TypeError):
+        wrapped(a=0, c=3)  # positional-only stays positional-only
+    assert len(seen) == 3  # the failed call never reached the body
