@@ -14,7 +14,9 @@ import anyio
 import httpx as _httpx
 
 from .. import patching
+from . import asyncpg as asyncpg_pools
 from . import httpx as httpx_pools
+from . import sqlalchemy as sqlalchemy_pools
 from .common import POOL_KINDS, HookGuard, check_size
 from .threads import ThreadShrink
 
@@ -37,7 +39,7 @@ class ShrinkPools:
         self._undo: list[Callable[[], Any]] = []  # sync restore steps, LIFO
         self._async_disposals: list[Any] = []  # temporary async pools to dispose
         self._threads = ThreadShrink(self._patches, self._hooks)
-        self._asyncpg: Any = None
+        self._asyncpg: asyncpg_pools.AsyncpgShrink | None = None
         self._applied: dict[str, Any] = {}
         self._closed = False
 
@@ -54,9 +56,9 @@ class ShrinkPools:
 
         Returns the temporary pool. Only QueuePool-style pools can be shrunk.
         """
-        from .sqlalchemy import shrink_engine
-
-        return shrink_engine(engine, size, overflow, timeout, self._undo, self._async_disposals)
+        return sqlalchemy_pools.shrink_engine(
+            engine, size, overflow, timeout, self._undo, self._async_disposals
+        )
 
     def httpx(self, client: _httpx.AsyncClient | _httpx.Client, max_connections: int = 2,
               pool_timeout: float = 0.5) -> None:
@@ -73,9 +75,7 @@ class ShrinkPools:
         use to come back. Holders are put back at close.
         """
         if self._asyncpg is None:
-            from .asyncpg import AsyncpgShrink
-
-            self._asyncpg = AsyncpgShrink(self._patches, self._hooks)
+            self._asyncpg = asyncpg_pools.AsyncpgShrink(self._patches, self._hooks)
         await self._asyncpg.shrink(pool, size, timeout, self._undo)
 
     # -- zero-config -------------------------------------------------------------------
@@ -100,14 +100,10 @@ class ShrinkPools:
             httpx_pools.shrink_new_pools(self._patches, self._hooks, spec["httpx"],
                                          self._is_closed)
         if "sqlalchemy" in spec:
-            from . import sqlalchemy
-
-            sqlalchemy.shrink_new_pools(self._patches, self._hooks, spec["sqlalchemy"],
+            sqlalchemy_pools.shrink_new_pools(self._patches, self._hooks, spec["sqlalchemy"],
                                         self._is_closed)
         if "asyncpg" in spec:
-            from . import asyncpg
-
-            asyncpg.shrink_new_pools(self._patches, self._hooks, spec["asyncpg"],
+            asyncpg_pools.shrink_new_pools(self._patches, self._hooks, spec["asyncpg"],
                                      self._is_closed)
 
     # -- restoring ---------------------------------------------------------------------

@@ -9,13 +9,17 @@ or asyncpg pool created while serving a request). The library modules do the wat
 from __future__ import annotations
 
 import sys
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .. import guard
 from ..location import Location
 from ..model import PoolStats
+from .asyncpg import AsyncpgWatch
 from .common import CheckedOut, ThreadCall, WatchCore
 from .httpx import HttpxWatch, StuckPool, stuck_pools
+from .sqlalchemy import SqlalchemyWatch
 from .threads import ThreadWatch
 
 __all__ = ["PoolWatch"]
@@ -34,8 +38,8 @@ class PoolWatch(WatchCore):
         super().__init__(guard_, threshold_ms=threshold_ms)
         self._threads = ThreadWatch(self)
         self._httpx = HttpxWatch(self)
-        self._sqlalchemy: Any = None
-        self._asyncpg: Any = None
+        self._sqlalchemy: SqlalchemyWatch | None = None
+        self._asyncpg: AsyncpgWatch | None = None
 
     # -- arming ------------------------------------------------------------------------
     def start(self) -> PoolWatch:
@@ -44,19 +48,15 @@ class PoolWatch(WatchCore):
         self.on = True
         self._install("anyio", self._threads.install)
         self._install("httpx", self._httpx.install)
-        if "sqlalchemy" in sys.modules:
-            from .sqlalchemy import SqlalchemyWatch
-
+        if "sqlalchemy" in sys.modules:  # the libraries themselves are imported lazily
             self._sqlalchemy = SqlalchemyWatch(self)
             self._install("sqlalchemy", self._sqlalchemy.install)
         if "asyncpg" in sys.modules:
-            from .asyncpg import AsyncpgWatch
-
             self._asyncpg = AsyncpgWatch(self)
             self._install("asyncpg", self._asyncpg.install)
         return self
 
-    def _install(self, library: str, install: Any) -> None:
+    def _install(self, library: str, install: Callable[[], None]) -> None:
         """A library version whose internals moved is not watched; the rest is."""
         try:
             install()
@@ -82,7 +82,7 @@ class PoolWatch(WatchCore):
         return self._threads.calls
 
     @property
-    def transports(self) -> Any:
+    def transports(self) -> weakref.WeakSet[Any]:
         return self._httpx.transports
 
     def busy_threads(self) -> list[ThreadCall]:
@@ -92,12 +92,13 @@ class PoolWatch(WatchCore):
     def checked_out(self) -> list[CheckedOut]:
         """SQLAlchemy and asyncpg connections checked out and not returned yet."""
         out: list[CheckedOut] = []
-        for watcher in (self._sqlalchemy, self._asyncpg):
-            if watcher is not None:
-                out.extend(watcher.checked_out())
+        if self._sqlalchemy is not None:
+            out.extend(self._sqlalchemy.checked_out())
+        if self._asyncpg is not None:
+            out.extend(self._asyncpg.checked_out())
         return out
 
-    def stuck_http(self, clients: Any = ()) -> list[StuckPool]:
+    def stuck_http(self, clients: Iterable[Any] = ()) -> list[StuckPool]:
         """httpx pools (used while armed, or of ``clients``) holding stuck connections."""
         return stuck_pools(list(self._httpx.transports), clients)
 
