@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from pytest_stallguard import context, patching
 from pytest_stallguard.guard import Guard
@@ -267,7 +268,9 @@ async def test_thread_a_request_started_running_user_code() -> None:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}")
+    # A queue pool on SQLAlchemy 2.0 too (its file-SQLite default there is NullPool).
+    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
+                              poolclass=AsyncAdaptedQueuePool)
     try:
         yield eng
     finally:
