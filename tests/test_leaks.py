@@ -268,9 +268,10 @@ async def test_thread_a_request_started_running_user_code() -> None:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    # A queue pool on SQLAlchemy 2.0 too (its file-SQLite default there is NullPool).
-    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}",
-                              poolclass=AsyncAdaptedQueuePool)
+    # A queue pool, as SQLAlchemy >= 2.0.38 gives SQLite files by default (NullPool before).
+    eng = create_async_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}", poolclass=AsyncAdaptedQueuePool
+    )
     try:
         yield eng
     finally:

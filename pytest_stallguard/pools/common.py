@@ -108,7 +108,10 @@ def _greenlet_parent_frame() -> FrameType | None:
         return None
     current = mod.getcurrent()
     parent = getattr(current, "parent", None)
-    if parent is None or not getattr(current, "__sqlalchemy_greenlet_provider__", False):
+    if parent is None or not (
+        getattr(current, "__sqlalchemy_greenlet_provider__", False)  # SQLAlchemy >= 2.0.3x
+        or type(current).__name__ == "_AsyncIoGreenlet"  # the same greenlet, unmarked, before
+    ):
         return None
     frame = getattr(parent, "gr_frame", None)
     return frame if isinstance(frame, FrameType) else None

@@ -162,9 +162,13 @@ class HttpxWatch:
             hooks.failed(CORE_LIBRARY, WAIT, exc)
 
     def _install_waits(self) -> None:
-        """The wait for a connection inside httpcore's pool (httpcore 1.0.9 private)."""
-        from httpcore._async.connection_pool import AsyncPoolRequest
-        from httpcore._sync.connection_pool import PoolRequest
+        """The wait for a connection inside httpcore's pool: the private PoolRequest since
+        httpcore 1.0.3, RequestStatus before (httpcore 0.17 under httpx 0.24, 1.0.0-1.0.2)."""
+        from httpcore._async import connection_pool as a_pool
+        from httpcore._sync import connection_pool as s_pool
+
+        AsyncPoolRequest = getattr(a_pool, "AsyncPoolRequest", None) or a_pool.RequestStatus  # type: ignore[attr-defined]
+        PoolRequest = getattr(s_pool, "PoolRequest", None) or s_pool.RequestStatus  # type: ignore[attr-defined]
 
         core, hooks = self.core, self.core.hooks
         a_wait = core.patches.link(AsyncPoolRequest, "wait_for_connection")

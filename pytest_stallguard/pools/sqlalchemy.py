@@ -217,6 +217,7 @@ def shrink_engine(engine: Any, size: int, overflow: int, timeout: float,
         dialect=old._dialect,
         _dispatch=old.dispatch,
     )
+    _async_event_mutex(new)
     sync_engine.pool = new
 
     def restore() -> None:
@@ -229,6 +230,20 @@ def shrink_engine(engine: Any, size: int, overflow: int, timeout: float,
 
     undo.append(restore)
     return new
+
+
+def _async_event_mutex(pool: Any) -> None:
+    """Give an asyncio pool built with ``_dispatch=`` the asyncio mutex for its once-only
+    events, as SQLAlchemy itself does since 2.0.2x. Before, the copied ``first_connect``
+    kept a threading lock: two requests connecting first at once took it twice on the
+    loop thread and deadlocked the loop."""
+    if not getattr(pool, "_is_asyncio", False):
+        return
+    for name in ("first_connect", "connect"):
+        listeners = getattr(pool.dispatch, name, None)
+        set_asyncio = getattr(listeners, "_set_asyncio", None)
+        if set_asyncio is not None and not getattr(listeners, "_is_asyncio", False):
+            set_asyncio()
 
 
 def _shrunk_arguments(sig: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any],
