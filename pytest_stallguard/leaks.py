@@ -14,13 +14,17 @@ records what is still there:
 - ``connection-leak``: worker threads still busy with a request's work, threads started
   during the test still running user code, SQLAlchemy / asyncpg connections still checked
   out (located at the line that checked them out, via :class:`~.pools.PoolWatch`), and httpx
-  pools holding connections stuck connecting or busy with no request.
+  pools holding connections stuck connecting or busy with no request (each library's
+  module under ``pools/`` knows how to find its own).
+
+The ``Thread.start`` hook and the loop's task factory go through :mod:`.patching`, and
+their bookkeeping never reaches the app (a failure is noted and that hook turns off).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import sys
 import threading
 import weakref
@@ -32,12 +36,18 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from . import context, guard
+from . import context, guard, patching
+from .clock import real
 from .location import _PLUGIN_DIR, Location, is_user_file, relative, user_location
 from .model import DOCS, Finding
 from .pools import PoolWatch
+from .pools.common import HookGuard
+from .pools.httpx import StuckPool, stuck_connections, stuck_pools
 
 __all__ = ["LeakCheck", "stuck_connections"]
+
+THREAD_START = "threading.Thread.start"
+TASK_FACTORY = "task factory"
 
 TASK_HELP = (
     "A task nobody awaits outlives its request: it keeps connections and memory, its "
@@ -71,26 +81,6 @@ class _Seen:
     request: str | None
     duration_ms: float | None
     call: str | None
-
-
-def stuck_connections(pool: Any) -> list[Any]:
-    """Connections of an httpcore pool stuck CONNECTING or busy with no request on them.
-
-    Reads httpcore 1.0 private state (``_requests``, the connections' ``info()``); call it
-    when no request is in flight on the pool.
-    """
-    connections = list(getattr(pool, "connections", None) or [])
-    if not connections:
-        return []
-    owned = {id(r.connection) for r in getattr(pool, "_requests", []) if r.connection}
-    stuck = []
-    for conn in connections:
-        if id(conn) in owned:
-            continue
-        info = conn.info() if hasattr(conn, "info") else ""
-        if info == "CONNECTING" or not (conn.is_idle() or conn.is_closed()):
-            stuck.append(conn)
-    return stuck
 
 
 def _coro_location(coro: Any) -> Location | None:
@@ -146,24 +136,24 @@ class LeakCheck:
         self._guard = guard_
         self._record_creation = record_creation
         self._tasks_before: weakref.WeakSet[asyncio.Task[Any]] | None = None
-        self._thread_start: Callable[[threading.Thread], None] | None = None
+        self._patches = patching.Patches("leak check")
+        self._hooks = HookGuard("leak check")
+        self._watching_threads = False
         self._started_by: weakref.WeakKeyDictionary[threading.Thread, str] = (
             weakref.WeakKeyDictionary()
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._factory_installed = False
-        self._previous_factory: Any = None
         self._created_at: weakref.WeakKeyDictionary[asyncio.Task[Any], tuple[Location, str]] = (
             weakref.WeakKeyDictionary()
         )
         self._httpx: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._started = context.perf_counter()
+        self._started = real.perf_counter()
         self.cancelled_tasks = 0
         self.findings: list[Finding] = []
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> LeakCheck:
-        self._started = context.perf_counter()
+        self._started = real.perf_counter()
         self._watch_thread_starts()
         try:
             loop = asyncio.get_running_loop()
@@ -182,52 +172,62 @@ class LeakCheck:
 
     def _install_factory(self, loop: asyncio.AbstractEventLoop) -> None:
         previous = loop.get_task_factory()
-        created = self._created_at
+        hooks, check = self._hooks, self
+        library = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
         def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
             if previous is not None:
                 task = previous(loop, coro, **kwargs)
             else:
                 task = asyncio.Task(coro, loop=loop, **kwargs)
-            info = context.current()
-            if info is not None and info.label != "lifespan":
-                with contextlib.suppress(TypeError):
-                    where = user_location(sys._getframe(1))
-                    created[task] = (where, info.request)  # type: ignore[index]
+            if installed and not hooks.disabled(TASK_FACTORY, loop):
+                hooks.safely(library, TASK_FACTORY, loop, check._note_task, task,
+                             sys._getframe(1))
             return task
 
+        installed = True
+
+        def remove() -> None:
+            nonlocal installed
+            installed = False  # inert if someone installed a factory over ours
+            if loop.get_task_factory() is factory:
+                loop.set_task_factory(previous)
+
         loop.set_task_factory(factory)
-        self._factory = factory
-        self._previous_factory = previous
-        self._factory_installed = True
+        self._patches.undo(TASK_FACTORY, remove, target=f"{library} loop")
+
+    def _note_task(self, task: asyncio.Task[Any], frame: FrameType) -> None:
+        info = context.current()
+        if info is not None and info.label != "lifespan":
+            self._created_at[task] = (user_location(frame), info.request)
 
     def _watch_thread_starts(self) -> None:
         """Note which request (if any) starts each thread from now on: only threads a
         request started can be its leak; the test's and its fixtures' own are theirs."""
-        if self._thread_start is not None:
+        if self._watching_threads:
             return
-        original = threading.Thread.start
-        started_by = self._started_by
+        self._watching_threads = True
+        hooks, check = self._hooks, self
 
-        def start(thread: threading.Thread) -> None:
-            info = context.current()
-            if info is not None and info.label != "lifespan":
-                started_by[thread] = info.request
-            original(thread)
+        def make(link: patching.Link) -> Any:
+            @functools.wraps(link.next)
+            def start(*args: Any, **kwargs: Any) -> Any:
+                if args and not hooks.disabled(THREAD_START):
+                    hooks.safely("python", THREAD_START, None, check._note_thread, args[0])
+                return link.next(*args, **kwargs)
 
-        self._thread_start = original
-        threading.Thread.start = start  # type: ignore[method-assign,assignment]
+            return start
 
-    def _unwatch_thread_starts(self) -> None:
-        original, self._thread_start = self._thread_start, None
-        if original is not None:
-            threading.Thread.start = original  # type: ignore[method-assign,assignment]
+        self._patches.wrap(threading.Thread, "start", make)
 
-    def _remove_factory(self) -> None:
-        if self._factory_installed and self._loop is not None:
-            self._factory_installed = False
-            if self._loop.get_task_factory() is self._factory:
-                self._loop.set_task_factory(self._previous_factory)
+    def _note_thread(self, thread: threading.Thread) -> None:
+        info = context.current()
+        if info is not None and info.label != "lifespan":
+            self._started_by[thread] = info.request
+
+    def _unpatch(self) -> None:
+        self._watching_threads = False
+        self._patches.restore()
 
     # -- check -------------------------------------------------------------------------
     async def check(self, grace_s: float = 0.5, cancel_timeout_s: float = 2.0) -> list[Finding]:
@@ -251,26 +251,24 @@ class LeakCheck:
             seen.extend(self._httpx_findings())
             return self._report(seen)
         finally:
-            self._remove_factory()
-            self._unwatch_thread_starts()
+            self._unpatch()
 
     def close(self) -> None:
         """Undo what ``start`` installed (task factory, thread-start hook); check() does too."""
-        self._remove_factory()
-        self._unwatch_thread_starts()
+        self._unpatch()
 
     async def _until(self, done: Callable[[], bool], timeout_s: float) -> None:
         """Poll ``done`` until true or ``timeout_s`` of real time passed. Sleeps in a
         thread of our own limiter, so neither a patched loop clock nor a saturated
         default limiter can stretch it."""
-        deadline = context.perf_counter() + timeout_s
+        deadline = real.perf_counter() + timeout_s
         limiter = anyio.CapacityLimiter(1)
         while not done():
-            left = deadline - context.perf_counter()
+            left = deadline - real.perf_counter()
             if left <= 0:
                 return
             await anyio.to_thread.run_sync(
-                context.real_sleep, min(0.02, left), limiter=limiter, abandon_on_cancel=True
+                real.sleep, min(0.02, left), limiter=limiter, abandon_on_cancel=True
             )
 
     def _pending_anything(self) -> bool:
@@ -281,7 +279,7 @@ class LeakCheck:
             return True
         if self._busy_new_threads():
             return True
-        return any(stuck_connections(p) for p in self._httpx_pools())
+        return bool(self._stuck_http())
 
     # -- tasks -------------------------------------------------------------------------
     def _pending_tasks(self) -> list[asyncio.Task[Any]]:
@@ -325,7 +323,7 @@ class LeakCheck:
             code = getattr(coro, "cr_code", None)
             location = (relative(code.co_filename), code.co_firstlineno, code.co_name) if code \
                 else (None, None, None)
-        age_ms = (context.perf_counter() - self._started) * 1000.0
+        age_ms = (real.perf_counter() - self._started) * 1000.0
         origin = f" created at {_where(created[0])}" if created is not None else ""
         during = f" during {request}" if request else ""
         message = (
@@ -355,7 +353,7 @@ class LeakCheck:
         return busy
 
     def _thread_findings(self) -> Iterable[_Seen]:
-        now = context.perf_counter()
+        now = real.perf_counter()
         if self.watch is not None:
             for call in self.watch.busy_threads():
                 started = call.started if call.started is not None else call.called
@@ -385,7 +383,7 @@ class LeakCheck:
     def _connection_findings(self) -> Iterable[_Seen]:
         if self.watch is None:
             return
-        now = context.perf_counter()
+        now = real.perf_counter()
         for out in self.watch.checked_out():
             held_ms = (now - out.since) * 1000.0
             during = f" during {out.request}" if out.request else ""
@@ -397,36 +395,21 @@ class LeakCheck:
                 out.location, out.request, held_ms, out.pool,
             )
 
-    def _httpx_pools(self) -> list[tuple[Any, Any]]:
-        transports: list[Any] = []
+    def _stuck_http(self) -> list[StuckPool]:
         if self.watch is not None:
-            transports.extend(self.watch.transports)
-        for client in self._httpx:
-            transports.append(getattr(client, "_transport", None))
-            transports.extend(getattr(client, "_mounts", {}).values())
-        seen: set[int] = set()
-        pools = []
-        for transport in transports:
-            pool = getattr(transport, "_pool", None)
-            if pool is None or id(pool) in seen or not hasattr(pool, "_requests"):
-                continue
-            seen.add(id(pool))
-            pools.append((transport, pool))
-        return pools
+            return self.watch.stuck_http(list(self._httpx))
+        return stuck_pools((), list(self._httpx))
 
     def _httpx_findings(self) -> Iterable[_Seen]:
-        for transport, pool in self._httpx_pools():
-            stuck = stuck_connections(pool)
-            if not stuck:
-                continue
-            location = (self.watch.transport_user(transport) if self.watch is not None
+        for stuck in self._stuck_http():
+            location = (self.watch.transport_user(stuck.transport) if self.watch is not None
                         else None) or (None, None, None)
-            states = ", ".join(repr(c) for c in stuck)
+            states = ", ".join(repr(c) for c in stuck.connections)
             yield _Seen(
                 "connection-leak",
-                f"An httpx connection pool (max_connections={pool._max_connections}) still "
-                f"held {len(stuck)} connection(s) no request owns at teardown: {states}. "
-                f"{HTTPX_HELP} See {DOCS}connection-leak",
+                f"An httpx connection pool (max_connections={stuck.max_connections}) still "
+                f"held {len(stuck.connections)} connection(s) no request owns at teardown: "
+                f"{states}. {HTTPX_HELP} See {DOCS}connection-leak",
                 location, None, None, "httpx pool",
             )
 

@@ -16,8 +16,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from pytest_stallguard import context
+from pytest_stallguard import context, patching
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.leaks import LeakCheck
 from pytest_stallguard.pools import PoolWatch
@@ -156,6 +157,21 @@ async def test_task_factory_is_restored() -> None:
     assert loop.get_task_factory() is before
 
 
+@ASYNCIO
+async def test_thread_hook_and_task_factory_are_live_patches_restore_all_removes() -> None:
+    loop = asyncio.get_running_loop()
+    factory, start = loop.get_task_factory(), threading.Thread.start
+    leaks = LeakCheck().start()
+    live = {(p.owner, p.name) for p in patching.live()}
+    assert {("leak check", "start"), ("leak check", "task factory")} <= live
+    assert (threading.Thread.start, loop.get_task_factory()) != (start, factory)
+    patching.restore_all()  # what the plugin does when a run is interrupted
+    assert (threading.Thread.start, loop.get_task_factory()) == (start, factory)
+    assert patching.live() == []
+    leaks.close()  # idempotent after restore_all
+    assert (threading.Thread.start, loop.get_task_factory()) == (start, factory)
+
+
 # -- worker threads -----------------------------------------------------------------------
 
 
@@ -252,7 +268,10 @@ async def test_thread_a_request_started_running_user_code() -> None:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}")
+    # A queue pool, as SQLAlchemy >= 2.0.38 gives SQLite files by default (NullPool before).
+    eng = create_async_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}", poolclass=AsyncAdaptedQueuePool
+    )
     try:
         yield eng
     finally:

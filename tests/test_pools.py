@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,8 @@ from sqlalchemy import text
 from sqlalchemy.engine.base import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool.base import Pool
-from sqlalchemy.pool.impl import QueuePool
+from sqlalchemy.pool.impl import AsyncAdaptedQueuePool, QueuePool
+from sqlalchemy.util import get_cls_kwargs
 
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
@@ -167,7 +171,10 @@ def test_threads_deferred_from_sync_code() -> None:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}")
+    # A queue pool, as SQLAlchemy >= 2.0.38 gives SQLite files by default (NullPool before).
+    eng = create_async_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}", poolclass=AsyncAdaptedQueuePool
+    )
     try:
         yield eng
     finally:
@@ -413,7 +420,8 @@ async def test_apply_shrinks_what_is_created_and_restores(tmp_path: Path) -> Non
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=50))
         assert client._transport._pool._max_connections == 2  # type: ignore[attr-defined]
         engine = create_async_engine(
-            f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", pool_size=20, max_overflow=5
+            f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
+            poolclass=AsyncAdaptedQueuePool, pool_size=20, max_overflow=5,
         )
         assert engine.sync_engine.pool.size() == 2  # type: ignore[attr-defined]
         assert engine.sync_engine.pool._max_overflow == 0  # type: ignore[attr-defined]
@@ -476,3 +484,129 @@ async def test_patches_can_be_undone_in_any_order() -> None:
     watch.stop()
     assert anyio.to_thread.run_sync is original
     assert anyio.to_thread.current_default_thread_limiter().total_tokens == 40
+
+
+# -- wrappers keep the app's calls as they are ------------------------------------------
+
+
+def use_engine(url: str, kwargs: dict[str, Any], caplog: pytest.LogCaptureFixture
+               ) -> tuple[tuple[Any, ...], list[str]]:
+    """What the app sees of an engine made with ``kwargs``, and what its echo logged."""
+    caplog.clear()
+    engine = sqlalchemy.create_engine(url, **kwargs)
+    try:
+        with engine.connect() as conn:
+            value = conn.execute(text("select 1")).scalar()
+        pool = engine.pool
+        seen = (value, engine.echo, type(pool).__name__, pool._pre_ping,  # type: ignore[attr-defined]
+                pool._recycle, pool.size(), pool._max_overflow)  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+    logged = [
+        re.sub(r"\[[^]]*\]|\d+(\.\d+)?|0x[0-9a-f]+", "#", r.getMessage())
+        for r in caplog.records if r.name.startswith("sqlalchemy.engine")
+    ]
+    return seen, logged
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"echo": False}, id="echo-False"),
+        pytest.param({"echo": True}, id="echo-True"),
+        pytest.param({"echo": "debug", "pool_pre_ping": True}, id="echo-debug-pre-ping"),
+        pytest.param({"pool_pre_ping": True, "pool_recycle": 60, "pool_size": 3,
+                      "max_overflow": 1, "pool_timeout": 2}, id="pool-arguments"),
+    ],
+)
+def test_create_engine_arguments_work_as_without_the_watch(
+    kwargs: dict[str, Any], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 7: ``create_engine(url, echo=False)`` raised TypeError under the plugin."""
+    # echo=True would add a stdout handler for the rest of the process; records still
+    # reach caplog through propagation.
+    monkeypatch.setattr(logging.getLogger("sqlalchemy.engine.Engine"), "handlers",
+                        [logging.NullHandler()])
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    without = use_engine(url, kwargs, caplog)
+    with PoolWatch():
+        watched = use_engine(url, kwargs, caplog)
+    assert watched == without
+    echoing = kwargs.get("echo", False) is not False
+    assert bool(without[1]) == echoing  # echo on logs the statement, off logs nothing
+
+
+def originals() -> dict[str, Callable[..., Any]]:
+    import asyncpg.pool  # type: ignore[import-untyped]
+
+    classes: list[type] = [Engine, QueuePool, httpx.AsyncClient, httpx.Client,
+                           httpcore.AsyncConnectionPool, httpcore.ConnectionPool,
+                           asyncpg.pool.Pool]
+    return {cls.__qualname__: cls.__init__ for cls in classes}  # type: ignore[misc]
+
+
+def test_init_wrappers_have_the_original_parameters() -> None:
+    """What create_engine reads (the code object's names) and inspect.signature agree."""
+    pytest.importorskip("asyncpg")
+    before = originals()
+    engine_kwargs, pool_kwargs = get_cls_kwargs(Engine), get_cls_kwargs(QueuePool)
+    with ShrinkPools() as shrink, PoolWatch():
+        shrink.apply({"sqlalchemy": 2, "httpx": 2, "asyncpg": 2})
+        during = originals()
+        assert all(during[name] is not before[name] for name in before)  # all wrapped
+        for name, init in during.items():
+            assert inspect.signature(init) == inspect.signature(before[name]), name
+            assert inspect.signature(init, follow_wrapped=False) == inspect.signature(
+                before[name], follow_wrapped=False), name
+        assert get_cls_kwargs(Engine) == engine_kwargs
+        assert get_cls_kwargs(QueuePool) == pool_kwargs
+        engine = sqlalchemy.create_engine("sqlite://", echo=False)
+        assert engine.echo is False
+        engine.dispose()
+    assert originals() == before
+
+
+def test_apply_shrinks_engines_made_with_any_arguments(tmp_path: Path) -> None:
+    with ShrinkPools() as shrink:
+        shrink.apply({"sqlalchemy": 2})
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 's.db'}", echo=False,
+                                          pool_size=9, max_overflow=4, pool_pre_ping=True)
+    try:
+        assert (engine.pool.size(), engine.pool._max_overflow) == (2, 0)  # type: ignore[attr-defined]
+        assert engine.pool._pre_ping is True  # type: ignore[attr-defined]
+        with engine.connect() as conn:
+            assert conn.execute(text("select 1")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def test_same_signature_forwards_every_kind_of_parameter() -> None:
+    from pytest_stallguard.pools.common import same_signature
+
+    def original(a: int, /, b: int = 1, *args: int, c: int, d: int = 2, **kw: int) -> Any:
+        return (a, b, args, c, d, kw)
+
+    def keyword_only(self: object, *, e: int, f: int = 3) -> Any:
+        return (self, e, f)
+
+    seen: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def body_of(func: Callable[..., Any]) -> Callable[..., Any]:
+        def body(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            seen.append((args, kwargs))
+            return func(*args, **kwargs)
+
+        return same_signature(func, body)
+
+    wrapped, wrapped_kw = body_of(original), body_of(keyword_only)
+    for func in (original, keyword_only):
+        twin = body_of(func)
+        assert inspect.signature(twin, follow_wrapped=False) == inspect.signature(func)
+        assert twin.__name__ == func.__name__ and twin.__wrapped__ is func  # type: ignore[attr-defined]
+    assert wrapped(0, c=3) == original(0, c=3)
+    assert wrapped(0, 5, 6, 7, c=3, z=9) == original(0, 5, 6, 7, c=3, z=9)
+    assert wrapped_kw("s", e=1) == keyword_only("s", e=1)
+    with pytest.raises(TypeError):
+        wrapped(a=0, c=3)  # positional-only stays positional-only
+    assert len(seen) == 3  # the failed call never reached the body

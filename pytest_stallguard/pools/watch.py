@@ -1,0 +1,107 @@
+"""PoolWatch: arms every library watcher while a guard runs and answers the leak check.
+
+Findings: ``threadpool-saturation`` (a request waited for a worker thread longer than the
+threshold), ``pool-exhaustion`` (a wait for a SQLAlchemy, httpx or asyncpg slot over the
+threshold, or a pool timeout), ``client-per-request`` (an httpx client, SQLAlchemy engine
+or asyncpg pool created while serving a request). The library modules do the watching.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .. import guard
+from ..location import Location
+from ..model import PoolStats
+from .asyncpg import AsyncpgWatch
+from .common import CheckedOut, ThreadCall, WatchCore
+from .httpx import HttpxWatch, StuckPool, stuck_pools
+from .sqlalchemy import SqlalchemyWatch
+from .threads import ThreadWatch
+
+__all__ = ["PoolWatch"]
+
+
+class PoolWatch(WatchCore):
+    """Watch every pool while armed. Sync ``start()``/``stop()``, callable in or out of
+    the loop; ``stop()`` is idempotent and restores every patch.
+
+    ``guard_`` defaults to :func:`guard.active` at the time of each finding. SQLAlchemy
+    and asyncpg are watched when the app imported them before ``start()``.
+    """
+
+    def __init__(self, guard_: guard.Guard | None = None, *, threshold_ms: float | None = None
+                 ) -> None:
+        super().__init__(guard_, threshold_ms=threshold_ms)
+        self._threads = ThreadWatch(self)
+        self._httpx = HttpxWatch(self)
+        self._sqlalchemy: SqlalchemyWatch | None = None
+        self._asyncpg: AsyncpgWatch | None = None
+
+    # -- arming ------------------------------------------------------------------------
+    def start(self) -> PoolWatch:
+        if self.on:
+            return self
+        self.on = True
+        self._install("anyio", self._threads.install)
+        self._install("httpx", self._httpx.install)
+        if "sqlalchemy" in sys.modules:  # the libraries themselves are imported lazily
+            self._sqlalchemy = SqlalchemyWatch(self)
+            self._install("sqlalchemy", self._sqlalchemy.install)
+        if "asyncpg" in sys.modules:
+            self._asyncpg = AsyncpgWatch(self)
+            self._install("asyncpg", self._asyncpg.install)
+        return self
+
+    def _install(self, library: str, install: Callable[[], None]) -> None:
+        """A library version whose internals moved is not watched; the rest is."""
+        try:
+            install()
+        except Exception as exc:
+            self.hooks.failed(library, f"{library} pools (install)", exc)
+
+    def stop(self) -> None:
+        self.on = False
+        self.patches.restore()
+
+    def __enter__(self) -> PoolWatch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> list[PoolStats]:
+        return self.all_stats()
+
+    # -- what the leak check reads -----------------------------------------------------
+    @property
+    def thread_calls(self) -> list[ThreadCall]:
+        return self._threads.calls
+
+    @property
+    def transports(self) -> weakref.WeakSet[Any]:
+        return self._httpx.transports
+
+    def busy_threads(self) -> list[ThreadCall]:
+        """Worker-thread calls for a request that have not finished."""
+        return self._threads.busy()
+
+    def checked_out(self) -> list[CheckedOut]:
+        """SQLAlchemy and asyncpg connections checked out and not returned yet."""
+        out: list[CheckedOut] = []
+        if self._sqlalchemy is not None:
+            out.extend(self._sqlalchemy.checked_out())
+        if self._asyncpg is not None:
+            out.extend(self._asyncpg.checked_out())
+        return out
+
+    def stuck_http(self, clients: Iterable[Any] = ()) -> list[StuckPool]:
+        """httpx pools (used while armed, or of ``clients``) holding stuck connections."""
+        return stuck_pools(list(self._httpx.transports), clients)
+
+    def transport_user(self, transport: Any) -> Location | None:
+        """The last user line that sent a request through ``transport``."""
+        return self._httpx.transport_user(transport)
