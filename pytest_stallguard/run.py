@@ -178,13 +178,23 @@ class _LoopStalls:
 _DETECTORS: list[Callable[[GuardRun], Any]] = [_traps, _LoopStalls]
 
 
+def _place(finding: Finding) -> str:
+    """" (at file:line in function)" unless the message already names the place."""
+    if finding.file is None or finding.line is None:
+        return ""
+    place = f"{finding.file}:{finding.line}"
+    if place in finding.message:
+        return ""
+    return f" (at {place}" + (f" in {finding.function})" if finding.function else ")")
+
+
 def failure_message(findings: list[Finding]) -> str:
     """The assertion text for a test that failed on findings: one numbered block each."""
     noun = "problem" if len(findings) == 1 else "problems"
     lines = [f"stallguard found {len(findings)} {noun} in this test:", ""]
     for i, f in enumerate(findings, 1):
         times = f" (seen {f.count} times)" if f.count > 1 else ""
-        lines.append(f"{i}. [{f.kind}]{times} {f.message}")
+        lines.append(f"{i}. [{f.kind}]{times} {f.message}{_place(f)}")
     lines.append("")
     lines.append(
         "Allow a known case with stall_guard.allow('module.function'), the marker's "

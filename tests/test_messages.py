@@ -113,3 +113,16 @@ def test_a_startup_that_raises_shows_the_users_error_first(
     )
     out = result.stdout.str()
     assert "asgi_lifespan" not in out and "anyio/" not in out
+
+
+def test_every_finding_in_the_failure_text_names_its_place() -> None:
+    from pytest_stallguard.model import Finding
+    from pytest_stallguard.run import failure_message
+
+    named = Finding("blocking-call", "time.sleep() blocked ... at app.py:7 (login).", "app.py", 7, "login")
+    unnamed = Finding("client-per-request", "An httpx client was created during GET /x.", "app.py", 12, "search")
+    nowhere = Finding("canary-slowdown", "The canary slowed down.")
+    text = failure_message([named, unnamed, nowhere])
+    assert text.count("app.py:7") == 1
+    assert "An httpx client was created during GET /x. (at app.py:12 in search)" in text
+    assert "The canary slowed down.\n" in text
