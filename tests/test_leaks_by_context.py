@@ -189,9 +189,9 @@ def test_leaked_task_holding_a_connection_reports_both_and_ends_fast(
         "myapp.py", app_line("TASK-CHECKOUT"), "build"
     )
     assert task["request"] == "GET /report"
-    # the task checked out after the response was sent: it ran in the request's
-    # context, as background work
-    assert conn["request"] == "background"
+    # the task ran in the request's context: named by the request, or as background work
+    # once the response was sent (which of the two depends on the loop's order)
+    assert conn["request"] in ("GET /report", "background")
     # the 30 s task was cancelled (which returned its connection): the run took a
     # fraction of it
     assert result.duration < 30 / 3
@@ -252,4 +252,4 @@ async def test_asyncpg_connections_are_armed_by_context(pg_host: str) -> None:
     conn = by_kind["connection-leak"]
     assert (conn.file, conn.function) == ("tests/test_leaks_by_context.py", "build")
     assert conn.line == line_of(report_app, "pool.acquire() as conn:  # the task's")
-    assert conn.request == "background"
+    assert conn.request in ("GET /report", "background")  # the request's task
