@@ -17,6 +17,10 @@ records what is still there:
   pools holding connections stuck connecting or busy with no request (each library's
   module under ``pools/`` knows how to find its own).
 
+Like tasks and threads, connections are armed by context: only those a request (or a task
+it started) checked out count, never those of the test's own fixtures. They are read
+before leaked tasks are cancelled, since cancelling a task gives its connection back.
+
 The ``Thread.start`` hook and the loop's task factory go through :mod:`.patching`, and
 their bookkeeping never reaches the app (a failure is noted and that hook turns off).
 """
@@ -41,7 +45,7 @@ from .clock import real
 from .location import _PLUGIN_DIR, Location, is_user_file, relative, user_location
 from .model import DOCS, Finding
 from .pools import PoolWatch
-from .pools.common import HookGuard
+from .pools.common import CheckedOut, HookGuard
 from .pools.httpx import StuckPool, stuck_connections, stuck_pools
 
 __all__ = ["LeakCheck", "stuck_connections"]
@@ -239,6 +243,9 @@ class LeakCheck:
             tasks = self._pending_tasks()
             for task in tasks:
                 seen.append(self._task_finding(task))
+            # Before the cancellation: a leaked task that holds a connection gives it back
+            # when cancelled, and the connection would never be reported.
+            seen.extend(self._connection_findings(held_by_tasks=bool(tasks)))
             if tasks:
                 for task in tasks:
                     task.cancel()
@@ -247,7 +254,6 @@ class LeakCheck:
                 # Let resources freed by the cancellation go back (bounded).
                 await self._until(lambda: not self._pending_resources(), grace_s)
             seen.extend(self._thread_findings())
-            seen.extend(self._connection_findings())
             seen.extend(self._httpx_findings())
             return self._report(seen)
         finally:
@@ -275,7 +281,7 @@ class LeakCheck:
         return bool(self._pending_tasks()) or self._pending_resources()
 
     def _pending_resources(self) -> bool:
-        if self.watch is not None and (self.watch.busy_threads() or self.watch.checked_out()):
+        if self.watch is not None and (self.watch.busy_threads() or self._checked_out()):
             return True
         if self._busy_new_threads():
             return True
@@ -380,20 +386,31 @@ class LeakCheck:
             )
 
     # -- connections -------------------------------------------------------------------
-    def _connection_findings(self) -> Iterable[_Seen]:
+    def _checked_out(self) -> list[CheckedOut]:
+        """Connections still checked out that a request (or a task it started) checked
+        out. Armed by context: a connection the test or its fixtures hold (a transactional
+        fixture hands the app one connection for the whole test and returns it at its own
+        teardown, after this check) or the lifespan holds is theirs, not a leak."""
         if self.watch is None:
-            return
+            return []
+        return [out for out in self.watch.checked_out() if out.by_request]
+
+    def _connection_findings(self, held_by_tasks: bool = False) -> list[_Seen]:
         now = real.perf_counter()
-        for out in self.watch.checked_out():
+        tasks = (" (leaked tasks were still running too: one that holds a connection keeps "
+                 "it from the pool until it ends)") if held_by_tasks else ""
+        seen = []
+        for out in self._checked_out():
             held_ms = (now - out.since) * 1000.0
             during = f" during {out.request}" if out.request else ""
-            yield _Seen(
+            seen.append(_Seen(
                 "connection-leak",
                 f"A connection of {out.pool} checked out at {_where(out.location)}{during} "
-                f"was still checked out at teardown, {held_ms:.0f} ms later. "
+                f"was still checked out at teardown, {held_ms:.0f} ms later{tasks}. "
                 f"{CONNECTION_HELP} See {DOCS}connection-leak",
                 out.location, out.request, held_ms, out.pool,
-            )
+            ))
+        return seen
 
     def _stuck_http(self) -> list[StuckPool]:
         if self.watch is not None:

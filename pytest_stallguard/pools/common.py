@@ -83,6 +83,9 @@ class CheckedOut:
     request: str | None
     location: Location
     since: float
+    # Checked out by a request or a task it started (not the lifespan, not the test or its
+    # fixtures): only these can be a connection leak (armed by context, as tasks are).
+    by_request: bool = True
 
 
 # -- locations ----------------------------------------------------------------------------
@@ -127,6 +130,12 @@ def caller_location(frame: FrameType | None) -> Location:
 def request_info() -> context.RequestInfo | None:
     """The request running this code, unless paused (works in threads and greenlets)."""
     return context.info_of(contextvars.copy_context())
+
+
+def armed_by(info: context.RequestInfo | None) -> bool:
+    """Whether code running with ``info`` can leak: a request's (or a task's it started,
+    or a ``stall_guard.only`` window's), not the lifespan's nor the test's own."""
+    return info is not None and info.label != "lifespan"
 
 
 def is_request(info: context.RequestInfo | None) -> bool:

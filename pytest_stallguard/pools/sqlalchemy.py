@@ -25,6 +25,7 @@ from .common import (
     HookGuard,
     Stats,
     WatchCore,
+    armed_by,
     caller_location,
     check_size,
     check_timeout,
@@ -177,7 +178,7 @@ class SqlalchemyWatch:
             if record is not None and location is not None:
                 self._out[id(record)] = CheckedOut(
                     pool=stats.name, request=None if info is None else info.request,
-                    location=location, since=real.perf_counter(),
+                    location=location, since=real.perf_counter(), by_request=armed_by(info),
                 )
         if wait_ms > core.threshold_ms:
             core.pool_wait(stats, wait_ms, began.frame, timed_out=False)
