@@ -4,12 +4,20 @@ is a ``threadpool-saturation`` finding, every time."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 
-from .conftest import load_json
+from pytest_stallguard import patching
+from pytest_stallguard.guard import Guard
+from pytest_stallguard.pools import PoolWatch
+from pytest_stallguard.pools.executor import ExecutorWatch
+
+from .conftest import ASYNCIO, asgi_client, load_json
 
 APP = '''
 import asyncio
@@ -143,3 +151,66 @@ def test_queueing_on_anyio_tokens_is_found_every_time(app_dir: pytest.Pytester) 
     fifty = [p for p in tests["test_fifty[0-asyncio]"]["pools"]
              if p["name"] == "anyio worker threads"]
     assert fifty[0]["size"] == 40 and fifty[0]["max_in_use"] == 40
+
+
+# -- the executor watch itself: never in the app's way --------------------------------------
+
+def offload_app(ran: list[int]) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/offload")
+    async def offload() -> dict[str, int]:
+        def work() -> int:
+            ran.append(1)
+            return 7
+
+        loop = asyncio.get_running_loop()
+        return {"a": await asyncio.to_thread(work), "b": await loop.run_in_executor(None, work)}
+
+    return app
+
+
+@pytest.mark.anyio
+@ASYNCIO
+@pytest.mark.parametrize("helper", ["_begin", "_submitted", "_started", "_ended", "_returned"])
+async def test_a_failing_executor_hook_never_reaches_the_app(
+    monkeypatch: pytest.MonkeyPatch, helper: str
+) -> None:
+    monkeypatch.setattr(patching, "_warned", set())
+    patching.take_warnings()
+    calls: list[int] = []
+
+    def broken(*args: Any) -> None:
+        calls.append(1)
+        raise RuntimeError("bookkeeping broken on purpose")
+
+    monkeypatch.setattr(ExecutorWatch, helper, broken)
+    ran: list[int] = []
+    signature = inspect.signature(asyncio.BaseEventLoop.run_in_executor)
+    async with asgi_client(offload_app(ran)) as client:
+        with Guard(), PoolWatch():
+            assert inspect.signature(asyncio.BaseEventLoop.run_in_executor) == signature
+            first = await client.get("/offload")
+            second = await client.get("/offload")
+    assert [first.json(), second.json()] == [{"a": 7, "b": 7}] * 2
+    assert len(ran) == 4  # each call ran once
+    assert len(calls) == 1  # then the hook was off
+    [note] = patching.take_warnings()
+    assert "asyncio" in note and "bookkeeping broken on purpose" in note
+
+
+@pytest.mark.anyio
+@ASYNCIO
+async def test_executor_calls_are_timed_per_request() -> None:
+    ran: list[int] = []
+    async with asgi_client(offload_app(ran)) as client:
+        with Guard() as g, PoolWatch() as watch:
+            assert (await client.get("/offload")).json() == {"a": 7, "b": 7}
+        outside = await asyncio.to_thread(lambda: 1)  # not a request: not watched
+    assert outside == 1 and g.findings == []
+    [pool] = [p for p in watch.stats() if p.name == "asyncio default executor"]
+    assert (pool.kind, pool.size, len(pool.waits_ms)) == ("threadpool", WORKERS, 2)
+    calls = watch._executor.calls
+    assert [c.function for c in calls] == ["offload_app.<locals>.offload.<locals>.work"] * 2
+    for call in calls:
+        assert call.called <= (call.started or 0) <= (call.ended or 0)

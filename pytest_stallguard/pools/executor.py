@@ -141,7 +141,8 @@ class ExecutorWatch:
     def _ended(self, watched: _Call) -> None:
         watched.call.ended = real.perf_counter()
         with self.core.lock:
-            watched.stats.in_use -= 1
+            if watched.call.thread is not None:  # _started counted it
+                watched.stats.in_use -= 1
 
     def _returned(self, watched: _Call) -> None:
         call, stats, core = watched.call, watched.stats, self.core
