@@ -117,9 +117,10 @@ async def test_enough_threads_is_clean() -> None:
 
 
 @BOTH
-async def test_late_thread_start_with_free_tokens_is_not_saturation() -> None:
-    """Under a wide burst a worker can start late (GIL, busy loop) while tokens are free:
-    that is not the pool running dry."""
+async def test_every_wait_past_the_threshold_is_a_finding() -> None:
+    """A request that waited past the threshold for its worker thread is a finding, whether
+    it waited for a token, a thread being started or a worker to get the CPU (issue 8: a
+    check of the tokens taken at call time found 10 such waits in 1 run of 18)."""
     app = FastAPI()
 
     @app.get("/tiny")
@@ -132,9 +133,12 @@ async def test_late_thread_start_with_free_tokens_is_not_saturation() -> None:
             for _ in range(3):
                 assert await fire(client, "/tiny", 40) == [200] * 40
     [stats] = watch.stats()
-    assert stats.max_in_use < stats.size  # never saturated...
-    assert stats.wait_max_ms > 1  # ...though some threads did start late
-    assert g.findings == []  # ...so no finding, however late a thread started
+    late = sum(wait > 1 for wait in stats.waits_ms)
+    assert late > 0  # under a 40-wide burst some calls start late, with tokens free
+    [finding] = g.findings
+    assert (finding.kind, finding.function, finding.count) == (
+        "threadpool-saturation", "tiny", late
+    )
 
 
 @BOTH

@@ -1,9 +1,10 @@
 """PoolWatch: arms every library watcher while a guard runs and answers the leak check.
 
-Findings: ``threadpool-saturation`` (a request waited for a worker thread longer than the
-threshold), ``pool-exhaustion`` (a wait for a SQLAlchemy, httpx or asyncpg slot over the
-threshold, or a pool timeout), ``client-per-request`` (an httpx client, SQLAlchemy engine
-or asyncpg pool created while serving a request). The library modules do the watching.
+Findings: ``threadpool-saturation`` (a request waited longer than the threshold for a
+worker thread of anyio's limiter or asyncio's default executor), ``pool-exhaustion`` (a
+wait for a SQLAlchemy, httpx or asyncpg slot over the threshold, or a pool timeout),
+``client-per-request`` (an httpx client, SQLAlchemy engine or asyncpg pool created while
+serving a request). The library modules do the watching.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..location import Location
 from ..model import PoolStats
 from .asyncpg import AsyncpgWatch
 from .common import CheckedOut, ThreadCall, WatchCore
+from .executor import ExecutorWatch
 from .httpx import HttpxWatch, StuckPool, stuck_pools
 from .sqlalchemy import SqlalchemyWatch
 from .threads import ThreadWatch
@@ -37,6 +39,7 @@ class PoolWatch(WatchCore):
                  ) -> None:
         super().__init__(guard_, threshold_ms=threshold_ms)
         self._threads = ThreadWatch(self)
+        self._executor = ExecutorWatch(self)
         self._httpx = HttpxWatch(self)
         self._sqlalchemy: SqlalchemyWatch | None = None
         self._asyncpg: AsyncpgWatch | None = None
@@ -47,6 +50,7 @@ class PoolWatch(WatchCore):
             return self
         self.on = True
         self._install("anyio", self._threads.install)
+        self._install("asyncio", self._executor.install)
         self._install("httpx", self._httpx.install)
         if "sqlalchemy" in sys.modules:  # the libraries themselves are imported lazily
             self._sqlalchemy = SqlalchemyWatch(self)
