@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine.base import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool.base import Pool
-from sqlalchemy.pool.impl import QueuePool
+from sqlalchemy.pool.impl import AsyncAdaptedQueuePool, QueuePool
 
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.pools import PoolWatch, ShrinkPools
@@ -167,7 +167,10 @@ def test_threads_deferred_from_sync_code() -> None:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
-    eng = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}")
+    # A queue pool, as SQLAlchemy >= 2.0.38 gives SQLite files by default (NullPool before).
+    eng = create_async_engine(
+        f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}", poolclass=AsyncAdaptedQueuePool
+    )
     try:
         yield eng
     finally:
@@ -413,7 +416,8 @@ async def test_apply_shrinks_what_is_created_and_restores(tmp_path: Path) -> Non
         client = httpx.AsyncClient(limits=httpx.Limits(max_connections=50))
         assert client._transport._pool._max_connections == 2  # type: ignore[attr-defined]
         engine = create_async_engine(
-            f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", pool_size=20, max_overflow=5
+            f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
+            poolclass=AsyncAdaptedQueuePool, pool_size=20, max_overflow=5,
         )
         assert engine.sync_engine.pool.size() == 2  # type: ignore[attr-defined]
         assert engine.sync_engine.pool._max_overflow == 0  # type: ignore[attr-defined]
