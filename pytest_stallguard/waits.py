@@ -96,7 +96,6 @@ class _TimerThread:
                 self._heap = [entry for entry in self._heap if not entry[2].cancelled]
                 heapq.heapify(self._heap)
                 self._cancelled = 0
-                self._cond.notify()
 
     def pending(self) -> int:
         """Timers not yet fired or cancelled (for tests)."""

@@ -18,7 +18,7 @@ import pytest
 from fastapi import FastAPI
 from freezegun import freeze_time
 
-from pytest_stallguard import canary, waits
+from pytest_stallguard import burst, canary, waits
 from pytest_stallguard.client import running
 from pytest_stallguard.clock import real
 from pytest_stallguard.config import Settings
@@ -37,7 +37,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return request.param
 
 
-@pytest.fixture(params=["freeze_time", "monotonic"])
+@pytest.fixture
 def stopped_clock(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
@@ -48,6 +48,33 @@ def stopped_clock(
     else:
         monkeypatch.setattr(time, "monotonic", lambda: 1000.0)
         yield request.param
+
+
+UVLOOP = BACKENDS[1].values[0]
+# Each time patcher on each backend where it stops the loop's clock, and uvloop (whose
+# clock is libuv's) under freezegun, which still freezes the module clocks.
+STOPPED = pytest.mark.parametrize(
+    ("anyio_backend", "stopped_clock"),
+    [
+        pytest.param("asyncio", "freeze_time", id="asyncio-freeze_time"),
+        pytest.param("asyncio", "monotonic", id="asyncio-monotonic"),
+        pytest.param("trio", "freeze_time", id="trio-freeze_time"),
+        pytest.param(UVLOOP, "freeze_time", id="uvloop-freeze_time"),
+    ],
+    indirect=True,
+)
+
+
+class RacingLoop(asyncio.SelectorEventLoop):
+    """A loop whose clock runs 1000x fast, as looptime's jumps over idle time."""
+
+    def time(self) -> float:
+        return super().time() * 1000.0
+
+
+RACING = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("asyncio", {"loop_factory": RacingLoop}), id="racing")]
+)
 
 
 def hang_app() -> FastAPI:
@@ -69,6 +96,7 @@ def hang_app() -> FastAPI:
 HANG_APP = hang_app()
 
 
+@STOPPED
 async def test_move_on_after_ends_on_the_real_clock(stopped_clock: str) -> None:
     loop_started = anyio.current_time()
     started = real.perf_counter()
@@ -95,19 +123,42 @@ def _flavour() -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-async def test_fail_after_raises_timeout_on_the_real_clock(stopped_clock: str) -> None:
-    started = real.perf_counter()
-    with pytest.raises(TimeoutError, match="the thing"), waits.fail_after(BOUND, "the thing"):
-        await anyio.sleep(3600)
-    assert BOUND * 0.9 <= real.perf_counter() - started < 5 * BOUND
-
-
+@STOPPED
 async def test_sleep_until_wakes_on_the_real_clock(stopped_clock: str) -> None:
     started = real.perf_counter()
     for i in range(1, 11):
         await waits.sleep_until(started + i * BOUND / 10)
         assert real.perf_counter() >= started + i * BOUND / 10
     assert real.perf_counter() - started < 5 * BOUND
+
+
+@RACING
+async def test_waits_do_not_end_early_on_a_racing_loop_clock() -> None:
+    loop_started = anyio.current_time()
+    started = real.perf_counter()
+    with waits.move_on_after(BOUND) as scope:
+        await anyio.Event().wait()
+    assert scope.cancelled_caught
+    assert BOUND * 0.9 <= real.perf_counter() - started < 5 * BOUND
+    await waits.sleep_until(real.perf_counter() + BOUND)
+    wall = real.perf_counter() - started
+    assert 1.9 * BOUND <= wall < 10 * BOUND
+    # the premise: the loop's clock ran far ahead of the real one
+    assert anyio.current_time() - loop_started > 100 * wall
+
+
+@RACING
+async def test_burst_timeout_and_canary_keep_real_time_on_a_racing_loop_clock() -> None:
+    app = HANG_APP
+    out: list[CanaryResult] = []
+    async with canary.probing(app, build_spec("GET", "/health"), 10.0, [1.0], out):
+        result = await burst.run(app, [build_spec("GET", "/wait")], 5, timeout=BOUND)
+    assert len(result.errors) == 5
+    # the client gave up after BOUND of real time, not after BOUND of the loop's clock
+    assert min(result.latencies_ms) >= 0.9 * BOUND * 1000
+    assert result.elapsed_s >= 0.9 * BOUND
+    expected = result.elapsed_s / 0.010
+    assert 0.5 * expected <= out[0].probes <= 1.5 * expected + 5
 
 
 async def test_a_wait_that_ends_first_leaves_no_timer() -> None:
@@ -118,6 +169,7 @@ async def test_a_wait_that_ends_first_leaves_no_timer() -> None:
     assert waits._timers.pending() == 0
 
 
+@STOPPED
 async def test_canary_probes_on_schedule_with_a_stopped_loop_clock(stopped_clock: str) -> None:
     """Probes every 10 ms of real time, through a quiet baseline and a probing window."""
     app = HANG_APP
@@ -175,6 +227,7 @@ def lifespan_app(hang_in: str) -> FastAPI:
 LIFESPAN_APPS = {hang_in: lifespan_app(hang_in) for hang_in in ("startup", "shutdown")}
 
 
+@STOPPED
 @pytest.mark.parametrize("hang_in", ["startup", "shutdown"])
 async def test_lifespan_timeouts_are_real_time(stopped_clock: str, hang_in: str) -> None:
     settings = Settings(startup_timeout=BOUND, shutdown_timeout=BOUND)
@@ -185,3 +238,106 @@ async def test_lifespan_timeouts_are_real_time(stopped_clock: str, hang_in: str)
             assert client is not None
     wall = real.perf_counter() - started
     assert BOUND * 0.9 <= wall < 5 * BOUND
+
+
+# -- as users meet it: burst(timeout=) on a route that hangs ----------------------------
+
+HANG_APP_SOURCE = '''
+import anyio
+from fastapi import FastAPI
+
+
+def create_app():
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"ok": True}
+
+    @app.get("/wait")
+    async def wait():
+        await anyio.Event().wait()  # never set
+
+    @app.get("/sleep")
+    async def sleep():
+        await anyio.sleep(30)
+        return {"ok": True}
+
+    return app
+'''
+
+HANG_TESTS = '''
+import time
+
+import pytest
+from freezegun import freeze_time
+
+from pytest_stallguard.clock import real
+
+TIMEOUT = 1.0
+UVLOOP = ("asyncio", {"use_uvloop": True})
+
+
+@pytest.fixture
+def anyio_backend(request):
+    return request.param
+
+
+@pytest.fixture
+def clock(request, monkeypatch):
+    if request.param == "freeze_time":
+        with freeze_time("2020-01-01"):
+            yield
+    elif request.param == "monotonic":
+        monkeypatch.setattr(time, "monotonic", lambda: 1000.0)
+        yield
+    else:
+        yield
+
+
+@pytest.mark.parametrize(
+    ("anyio_backend", "clock", "path", "canary"),
+    [
+        ("asyncio", "real", "/wait", None),
+        ("asyncio", "real", "/sleep", "/health"),
+        ("asyncio", "freeze_time", "/wait", "/health"),
+        ("asyncio", "monotonic", "/wait", "/health"),
+        (UVLOOP, "freeze_time", "/wait", "/health"),
+        ("trio", "freeze_time", "/wait", "/health"),
+    ],
+    indirect=["anyio_backend", "clock"],
+)
+async def test_hanging_route(clock, stall_client, path, canary):
+    started = real.perf_counter()
+    r = await stall_client.burst("GET", path, n=5, timeout=TIMEOUT, canary=canary)
+    wall = real.perf_counter() - started
+    print(f"wall={wall:.2f} elapsed={r.elapsed_s:.2f}")
+    assert len(r.errors) == 5 and not r.statuses
+    assert all(isinstance(e.exception, TimeoutError) for e in r.errors)
+    # the warm-up, the baseline and the burst: a few timeouts, never the route's 30 s
+    assert wall < 5 * TIMEOUT
+    # elapsed_s is the burst's own real time: one timeout (not less), a part of the wall
+    assert 0.9 * TIMEOUT <= r.elapsed_s <= wall
+    assert r.elapsed_s > wall / 5
+    assert min(r.latencies_ms) >= 0.9 * TIMEOUT * 1000
+    if canary:
+        # probes every 10 ms of real time, whatever the loop's clock did
+        expected = r.elapsed_s * 1000 / 10
+        assert 0.5 * expected <= r.canary.probes <= 1.5 * expected + 5
+'''
+
+
+def test_burst_timeout_ends_a_hanging_burst_whatever_the_clock(pytester: pytest.Pytester) -> None:
+    """A GET that never answers, under freezegun, a patched time.monotonic, on every
+    backend: each burst(timeout=1) ends in a few seconds and says how long it took."""
+    pytester.makepyfile(myapp=HANG_APP_SOURCE, test_hang=HANG_TESTS)
+    pytester.makeini(
+        """
+        [pytest]
+        stallguard_app = myapp:create_app()
+        faulthandler_timeout = 30
+        """
+    )
+    # A subprocess with a timeout: if a wait of ours hangs again, this fails instead.
+    result = pytester.runpytest_subprocess("-p", "no:asyncio", "-p", "no:randomly", "-s", timeout=180)
+    result.assert_outcomes(passed=6)
