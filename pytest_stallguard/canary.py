@@ -74,17 +74,18 @@ async def _schedule(
             await _probe(app, spec, scheduled, out)
 
     async with anyio.create_task_group() as tg:
-        while count is None or issued < count:
-            scheduled = start + issued * every_s
-            if stop and scheduled >= stop[0]:
-                break
-            if scheduled > real.perf_counter():
-                await waits.sleep_until(scheduled)
+        with waits.Pacer() as pacer:
+            while count is None or issued < count:
+                scheduled = start + issued * every_s
                 if stop and scheduled >= stop[0]:
                     break
-            tg.start_soon(probe, scheduled)
-            issued += 1
-            await anyio.lowlevel.checkpoint()
+                if scheduled > real.perf_counter():
+                    await pacer.sleep_until(scheduled)
+                    if stop and scheduled >= stop[0]:
+                        break
+                tg.start_soon(probe, scheduled)
+                issued += 1
+                await anyio.lowlevel.checkpoint()
 
 
 async def service_ms(app: ASGIApp, spec: RequestSpec) -> float:

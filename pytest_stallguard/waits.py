@@ -34,13 +34,13 @@ import anyio.lowlevel
 from .clock import real
 
 __all__ = [
+    "Pacer",
     "Timer",
     "cancel_later",
     "fail_after",
     "move_on_after",
     "on_trio",
     "sleep",
-    "sleep_until",
 ]
 
 # The timer thread ends after this long with nothing to wait for (and starts again on
@@ -51,20 +51,26 @@ _LINGER_S = 2.0
 class Timer:
     """One deadline on the real clock; :meth:`cancel` before it fires makes it a no-op."""
 
-    __slots__ = ("_callback", "cancelled", "deadline", "fired")
+    __slots__ = ("_callback", "_post", "cancelled", "deadline", "fired", "queued")
 
-    def __init__(self, deadline: float, callback: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        deadline: float,
+        callback: Callable[[], object],
+        post: Callable[[Callable[[], object]], object],
+    ) -> None:
         self.deadline = deadline
         self._callback: Callable[[], object] | None = callback
+        self._post: Callable[[Callable[[], object]], object] | None = post
         self.cancelled = False
         self.fired = False  # set on the loop thread when the callback ran there
+        self.queued = False  # on the heap (guarded by the timer thread's lock)
 
     def cancel(self) -> None:
-        """Call on the loop thread; drops the references so nothing waits on the heap."""
+        """Call on the loop thread. Drops the references (callback, loop) at once, so
+        a cancelled timer keeps nothing alive until its deadline."""
         if not self.cancelled:
-            self.cancelled = True
-            self._callback = None
-            _timers.forget()
+            _timers.forget(self)
 
 
 class _TimerThread:
@@ -72,14 +78,15 @@ class _TimerThread:
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._heap: list[tuple[float, int, Timer, Callable[[Callable[[], object]], object]]] = []
+        self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
-        self._cancelled = 0
+        self._cancelled = 0  # cancelled timers still on the heap
         self._thread: threading.Thread | None = None
 
-    def add(self, timer: Timer, post: Callable[[Callable[[], object]], object]) -> None:
+    def add(self, timer: Timer) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer, post))
+            heapq.heappush(self._heap, (timer.deadline, next(self._seq), timer))
+            timer.queued = True
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="stallguard-timer", daemon=True
@@ -88,43 +95,51 @@ class _TimerThread:
             elif self._heap[0][2] is timer:
                 self._cond.notify()
 
-    def forget(self) -> None:
-        """A timer was cancelled: drop cancelled entries once they are half the heap."""
+    def forget(self, timer: Timer) -> None:
+        """Cancel ``timer``; drop cancelled entries once they are half the heap."""
         with self._cond:
+            timer.cancelled = True
+            timer._callback = timer._post = None
+            if not timer.queued:
+                return
             self._cancelled += 1
             if self._cancelled * 2 >= len(self._heap):
+                for _, _, gone in self._heap:
+                    if gone.cancelled:
+                        gone.queued = False
                 self._heap = [entry for entry in self._heap if not entry[2].cancelled]
                 heapq.heapify(self._heap)
                 self._cancelled = 0
 
     def pending(self) -> int:
-        """Timers not yet fired or cancelled (for tests)."""
+        """Timers on the heap, cancelled or not (for tests)."""
         with self._cond:
-            return sum(1 for entry in self._heap if not entry[2].cancelled)
+            return len(self._heap)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 while True:
                     while self._heap and self._heap[0][2].cancelled:
-                        heapq.heappop(self._heap)
-                        self._cancelled = max(0, self._cancelled - 1)
-                    now = real.perf_counter()
+                        heapq.heappop(self._heap)[2].queued = False
+                        self._cancelled -= 1
                     if not self._heap:
                         self._cond.wait(_LINGER_S)
                         if not self._heap:
                             self._thread = None
                             return
                         continue
+                    now = real.perf_counter()
                     if self._heap[0][0] <= now:
-                        _, _, timer, post = heapq.heappop(self._heap)
+                        timer = heapq.heappop(self._heap)[2]
+                        timer.queued = False
+                        post = timer._post
                         break
                     self._cond.wait(self._heap[0][0] - now)
-            if timer.cancelled:
-                continue
             # A loop that has closed meanwhile refuses it: nobody is waiting any more.
-            with contextlib.suppress(Exception):
-                post(functools.partial(_fire, timer))
+            if post is not None:
+                with contextlib.suppress(Exception):
+                    post(functools.partial(_fire, timer))
 
 
 def _fire(timer: Timer) -> None:
@@ -169,8 +184,8 @@ def on_trio() -> bool:
 def call_at(deadline: float, callback: Callable[[], object]) -> Timer:
     """Run ``callback`` on this loop's thread once ``real.perf_counter()`` reaches
     ``deadline``, unless the returned timer is cancelled first."""
-    timer = Timer(deadline, callback)
-    _timers.add(timer, _poster())
+    timer = Timer(deadline, callback, _poster())
+    _timers.add(timer)
     return timer
 
 
@@ -222,20 +237,88 @@ async def sleep(seconds: float) -> None:
         timer.cancel()
 
 
-async def sleep_until(deadline: float) -> None:
-    """Wake at ``deadline`` on ``real.perf_counter()``, as promptly as the loop allows.
+class Pacer:
+    """Wakes at a series of real-clock deadlines (the canary's schedule), on time.
 
-    The loop's own timer wakes it on time when the loop's clock runs true (a thread of
-    ours may wait a GIL switch interval to get in, which a canary would count); the real
-    timer bounds the wait when that clock is stopped; a loop clock that runs fast (looptime)
-    only wakes it early, and the rest is waited on the real clock.
+    While the loop's clock keeps real time, each wait is a plain loop sleep: precise, and
+    no thread of ours wakes per wait (the timer thread needs the GIL to wake the loop,
+    and on a starved machine that hand-over alone makes a probe late). Once the loop's
+    clock is found not to keep real time, every later wait is a real-clock :func:`sleep`:
+
+    - a clock that runs fast (looptime) ends a loop sleep early: seen at once;
+    - a stopped clock (freezegun, a patched ``time.monotonic``) never ends it: the
+      first ``PROOF_WAITS`` waits each have a real timer of their own just past their
+      deadline; after them one real timer, re-armed every ``RESCUE_S`` while the pacer
+      is open, cuts off a loop sleep that has overrun (a clock stopped later costs one
+      wait of up to that much).
+
+    Use as ``with Pacer() as pacer: await pacer.sleep_until(deadline)``.
     """
-    left = deadline - real.perf_counter()
-    if left > 0:
-        with move_on_after(left):
-            await anyio.sleep(left)
+
+    PROOF_WAITS = 3
+    RESCUE_S = 0.25
+    SLACK_S = 0.002
+
+    def __init__(self) -> None:
+        self.trusted = True  # the loop's clock has kept real time so far
+        self._proven = 0  # waits the loop's own timer ended on time
+        self._sleeping: anyio.CancelScope | None = None
+        self._deadline = 0.0
+        self._rescue: Timer | None = None
+        self._open = False
+
+    def __enter__(self) -> Pacer:
+        self._open = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._open = False
+        if self._rescue is not None:
+            self._rescue.cancel()
+            self._rescue = None
+
+    def _check(self) -> None:
+        """On the loop thread, every ``RESCUE_S`` of real time while the pacer is open."""
+        self._rescue = None
+        if not self._open or not self.trusted:
+            return
+        if self._sleeping is not None and real.perf_counter() > self._deadline + self.SLACK_S:
+            self._sleeping.cancel()
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._rescue is None and self._open:
+            self._rescue = call_at(real.perf_counter() + self.RESCUE_S, self._check)
+
+    async def sleep_until(self, deadline: float) -> None:
+        left = deadline - real.perf_counter()
+        if left <= 0:
+            await anyio.lowlevel.checkpoint()
+            return
+        if not self.trusted:
+            await sleep(left)
+            return
+        proving = self._proven < self.PROOF_WAITS
+        if not proving:
+            self._arm()
+        loop_start, start = anyio.current_time(), real.perf_counter()
+        with anyio.CancelScope() as scope:
+            bound = cancel_later(scope, left + self.SLACK_S) if proving else None
+            self._sleeping, self._deadline = scope, deadline
+            try:
+                await anyio.sleep(left)
+            finally:
+                self._sleeping = None
+                if bound is not None:
+                    bound.cancel()
+        loop_took, took = anyio.current_time() - loop_start, real.perf_counter() - start
+        if scope.cancelled_caught or loop_took > 2 * took + self.SLACK_S:
+            self.trusted = False
+            if self._rescue is not None:
+                self._rescue.cancel()
+                self._rescue = None
+        else:
+            self._proven += 1
         left = deadline - real.perf_counter()
         if left > 0:
             await sleep(left)
-    else:
-        await anyio.lowlevel.checkpoint()

@@ -124,12 +124,21 @@ def _flavour() -> str:
 
 
 @STOPPED
-async def test_sleep_until_wakes_on_the_real_clock(stopped_clock: str) -> None:
+async def test_pacer_wakes_on_the_real_clock(stopped_clock: str) -> None:
+    """Waits on the real clock, never early, and on time once a stopped clock is seen."""
     started = real.perf_counter()
-    for i in range(1, 11):
-        await waits.sleep_until(started + i * BOUND / 10)
-        assert real.perf_counter() >= started + i * BOUND / 10
+    late = []
+    with waits.Pacer() as pacer:
+        for i in range(1, 31):
+            deadline = started + i * BOUND / 10
+            await pacer.sleep_until(deadline)
+            late.append(real.perf_counter() - deadline)
+    assert min(late) >= 0  # never early
+    assert sorted(late)[len(late) // 2] < BOUND / 10  # on time
+    assert max(late) < BOUND / 2
     assert real.perf_counter() - started < 5 * BOUND
+    # the premise: where the patcher stops the loop's clock, the pacer stopped trusting it
+    assert pacer.trusted == ((stopped_clock, _flavour()) not in STOPS_THE_LOOP_CLOCK)
 
 
 @RACING
@@ -140,7 +149,9 @@ async def test_waits_do_not_end_early_on_a_racing_loop_clock() -> None:
         await anyio.Event().wait()
     assert scope.cancelled_caught
     assert BOUND * 0.9 <= real.perf_counter() - started < 5 * BOUND
-    await waits.sleep_until(real.perf_counter() + BOUND)
+    with waits.Pacer() as pacer:
+        await pacer.sleep_until(real.perf_counter() + BOUND)
+    assert not pacer.trusted
     wall = real.perf_counter() - started
     assert 1.9 * BOUND <= wall < 10 * BOUND
     # the premise: the loop's clock ran far ahead of the real one
@@ -164,7 +175,9 @@ async def test_burst_timeout_and_canary_keep_real_time_on_a_racing_loop_clock() 
 async def test_a_wait_that_ends_first_leaves_no_timer() -> None:
     with waits.move_on_after(3600) as scope:
         await anyio.sleep(0)
-    await waits.sleep_until(real.perf_counter() + 0.001)
+    with waits.Pacer() as pacer:
+        for _ in range(3):
+            await pacer.sleep_until(real.perf_counter() + 0.001)
     assert not scope.cancelled_caught
     assert waits._timers.pending() == 0
 
