@@ -37,6 +37,7 @@ from .clock import real
 __all__ = [
     "Pacer",
     "Timer",
+    "call_at",
     "cancel_later",
     "fail_after",
     "move_on_after",
