@@ -134,8 +134,9 @@ async def test_pacer_wakes_on_the_real_clock(stopped_clock: str) -> None:
             await pacer.sleep_until(deadline)
             late.append(real.perf_counter() - deadline)
     assert min(late) >= 0  # never early
-    assert sorted(late)[len(late) // 2] < BOUND / 10  # on time
-    assert max(late) < BOUND / 2
+    # on time: a wait a stopped clock held up (until a coarse rescue timer came) would
+    # make the next several deadlines late as well; a starved machine makes one or two
+    assert sum(x > BOUND / 10 for x in late) <= 3, late
     assert real.perf_counter() - started < 5 * BOUND
     # the premise: where the patcher stops the loop's clock, the pacer stopped trusting it
     assert pacer.trusted == ((stopped_clock, _flavour()) not in STOPS_THE_LOOP_CLOCK)
