@@ -1,4 +1,8 @@
-"""Bursts: many concurrent requests through the lean driver, each timed from its issue."""
+"""Bursts: many concurrent requests through the lean driver, each timed from its issue.
+
+Times are read from :data:`clock.real` and a request's ``timeout`` is kept by a real-clock
+timer (:mod:`waits`), so neither a frozen nor a fast loop clock changes what is measured.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from typing import Any
 
 import anyio
 
-from .context import ASGIApp, perf_counter
+from . import waits
+from .clock import real
+from .context import ASGIApp
 from .driver import RequestSpec, build_spec, call
 from .errors import ConfigError
 from .model import BurstResult, RequestError
@@ -72,10 +78,11 @@ async def run(
         if timeout is None:
             reply = await call(app, spec)
         else:
-            with anyio.move_on_after(timeout) as scope:
+            # The client's clock started at the issue, not when this task got to run.
+            with waits.move_on_after(issued + timeout - real.perf_counter()) as scope:
                 reply = await call(app, spec)
             if scope.cancelled_caught:
-                waited = perf_counter() - issued
+                waited = real.perf_counter() - issued
                 latencies[i] = waited * 1000.0
                 exc = TimeoutError(f"no response within {timeout} s (client gave up)")
                 errors.append(RequestError(i, spec.method, spec.path, exc))
@@ -87,7 +94,7 @@ async def run(
             errors.append(RequestError(i, spec.method, spec.path, reply.exception))
         statuses[reply.status] += 1
 
-    started = perf_counter()
+    started = real.perf_counter()
     async with anyio.create_task_group() as tg:
         if concurrency is None or concurrency >= n:
             # All issued at once: each latency runs from the burst's start, so requests that
@@ -99,11 +106,11 @@ async def run(
 
             async def worker() -> None:
                 for i in cursor:
-                    await one(i, perf_counter())
+                    await one(i, real.perf_counter())
 
             for _ in range(concurrency):
                 tg.start_soon(worker)
-    elapsed = perf_counter() - started
+    elapsed = real.perf_counter() - started
 
     labels = tuple(dict.fromkeys(s.label for s in specs))
     mixed = len(labels) > 1

@@ -5,6 +5,10 @@ probing task got to run. On a blocked loop the prober itself wakes late, so meas
 from its wake-up would hide exactly the stall we are looking for (FINDINGS A8: 2-3 ms
 reported while the loop had been blocked 913 ms). Probes a late prober missed are fired
 at once with their original schedule times, as wrk2 does against coordinated omission.
+
+The schedule and every stamp are on :data:`clock.real`, and the waits are real-clock ones
+(:mod:`waits`): on a frozen loop clock (freezegun, a patched ``time.monotonic``) probes still
+fire every ``every_ms``, and on a fast one (looptime) they do not fire early.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from .context import ASGIApp, perf_counter
+from . import waits
+from .clock import real
+from .context import ASGIApp
 from .driver import RequestSpec, call
 from .model import CanaryResult
 
@@ -25,12 +31,21 @@ FLOOR_MS = 5.0
 BASELINE_PROBES = 30
 SERVICE_PROBES = 5
 MAX_IN_FLIGHT = 256
-# After the body ends, probes still in flight get this long before they are cancelled.
+# After the body ends, probes still in flight get this long before they are cancelled
+# (less when a burst's ``timeout`` is shorter).
 DRAIN_S = 5.0
+# The quiet baseline of a cheap endpoint takes well under a second; a canary that has not
+# answered this many probes by then is not a canary (a burst's ``timeout`` bounds it too).
+BASELINE_BOUND_S = 10.0
 
 
 async def _probe(app: ASGIApp, spec: RequestSpec, scheduled: float, out: list[float]) -> None:
-    reply = await call(app, spec)
+    try:
+        reply = await call(app, spec)
+    except anyio.get_cancelled_exc_class():
+        # Cut off by the drain bound: it took at least this long, and that is what counts.
+        out.append((real.perf_counter() - scheduled) * 1000.0)
+        raise
     out.append((reply.finished - scheduled) * 1000.0)
 
 
@@ -50,7 +65,7 @@ async def _schedule(
     late, because the loop was blocked: each is charged from its schedule.
     """
     if start is None:
-        start = perf_counter()
+        start = real.perf_counter()
     issued = 0
     in_flight = anyio.Semaphore(MAX_IN_FLIGHT)
 
@@ -59,18 +74,18 @@ async def _schedule(
             await _probe(app, spec, scheduled, out)
 
     async with anyio.create_task_group() as tg:
-        while count is None or issued < count:
-            scheduled = start + issued * every_s
-            if stop and scheduled >= stop[0]:
-                break
-            delay = scheduled - perf_counter()
-            if delay > 0:
-                await anyio.sleep(delay)
+        with waits.Pacer() as pacer:
+            while count is None or issued < count:
+                scheduled = start + issued * every_s
                 if stop and scheduled >= stop[0]:
                     break
-            tg.start_soon(probe, scheduled)
-            issued += 1
-            await anyio.lowlevel.checkpoint()
+                if scheduled > real.perf_counter():
+                    await pacer.sleep_until(scheduled)
+                    if stop and scheduled >= stop[0]:
+                        break
+                tg.start_soon(probe, scheduled)
+                issued += 1
+                await anyio.lowlevel.checkpoint()
 
 
 async def service_ms(app: ASGIApp, spec: RequestSpec) -> float:
@@ -82,12 +97,24 @@ async def service_ms(app: ASGIApp, spec: RequestSpec) -> float:
     return sorted(times)[len(times) // 2]
 
 
-async def baseline(app: ASGIApp, spec: RequestSpec, every_ms: float) -> tuple[list[float], float]:
-    """Latencies of probes on the quiet app, and the canary's service time in ms."""
-    await call(app, spec)  # warm-up: one-time framework work is not the baseline
-    service = await service_ms(app, spec)
-    out: list[float] = []
-    await _schedule(app, spec, every_ms / 1000.0, out, None, BASELINE_PROBES)
+async def baseline(
+    app: ASGIApp, spec: RequestSpec, every_ms: float, bound_s: float = BASELINE_BOUND_S
+) -> tuple[list[float], float]:
+    """Latencies of probes on the quiet app, and the canary's service time in ms.
+
+    Raises ``TimeoutError`` naming the canary when it takes longer than ``bound_s`` (real
+    seconds) in all: a slowdown against a baseline that never finished would mean nothing.
+    """
+    with waits.fail_after(
+        bound_s,
+        f"the canary GET {spec.path} did not answer its {BASELINE_PROBES} quiet probes "
+        f"within {bound_s:g} s, before any load: a canary must be a cheap endpoint that "
+        "answers at once (a health check); pick another path or see why this one waits",
+    ):
+        await call(app, spec)  # warm-up: one-time framework work is not the baseline
+        service = await service_ms(app, spec)
+        out: list[float] = []
+        await _schedule(app, spec, every_ms / 1000.0, out, None, BASELINE_PROBES)
     return out, service
 
 
@@ -111,22 +138,29 @@ async def probing(
     quiet: list[float],
     result: list[CanaryResult],
     floor_ms: float = FLOOR_MS,
+    drain_s: float = DRAIN_S,
 ) -> AsyncIterator[None]:
     """Probe while the body runs; appends the CanaryResult to ``result`` on exit.
 
     The first probe is scheduled as the body starts, so even a body that blocks the loop
-    at once is seen.
+    at once is seen. Probes still in flight when the body ends get ``drain_s`` real
+    seconds; the ones cut off count with the time they had waited.
     """
     out: list[float] = []
     stop: list[float] = []
-    async with anyio.create_task_group() as tg:
-        start = perf_counter()
-        tg.start_soon(_schedule, app, spec, every_ms / 1000.0, out, stop, None, start)
-        try:
-            yield
-        finally:
-            stop.append(perf_counter())
-            tg.cancel_scope.deadline = anyio.current_time() + DRAIN_S
+    drain: waits.Timer | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            start = real.perf_counter()
+            tg.start_soon(_schedule, app, spec, every_ms / 1000.0, out, stop, None, start)
+            try:
+                yield
+            finally:
+                stop.append(real.perf_counter())
+                drain = waits.cancel_later(tg.cancel_scope, drain_s)
+    finally:
+        if drain is not None:
+            drain.cancel()
     result.append(
         CanaryResult(
             path=spec.path,

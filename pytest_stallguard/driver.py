@@ -2,9 +2,10 @@
 
 httpx's ``ASGITransport`` spends about two thirds of each in-process request building and
 parsing httpx objects, buffers streaming bodies, and raises app exceptions into the test.
-Bursts go through :func:`call` instead: a scope dict, two closures, perf_counter stamps
-for the first and last body byte. :class:`DriverTransport` puts the same driver behind the
-httpx API for the single requests a test makes with ``stall_client.get(...)``.
+Bursts go through :func:`call` instead: a scope dict, two closures, real-clock stamps
+(:data:`clock.real`) for the first and last body byte. :class:`DriverTransport` puts the
+same driver behind the httpx API for the single requests a test makes with
+``stall_client.get(...)``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from urllib.parse import quote, urlsplit
 import anyio
 import httpx
 
-from .context import ASGIApp, Message, perf_counter
+from .clock import real
+from .context import ASGIApp, Message
 
 _SERVER = ("testserver", 80)
 _CLIENT = ("127.0.0.1", 50000)
@@ -125,17 +127,17 @@ async def call(app: ASGIApp, spec: RequestSpec) -> Reply:
         elif kind == "http.response.body":
             chunk = message.get("body", b"")
             if chunk and not reply.first_byte:
-                reply.first_byte = perf_counter()
+                reply.first_byte = real.perf_counter()
             reply.body += chunk
             if not message.get("more_body", False):
-                reply.finished = perf_counter()
+                reply.finished = real.perf_counter()
                 if not reply.first_byte:
                     reply.first_byte = reply.finished
                 if disconnect is not None:
                     disconnect.set()
 
     scope = dict(spec.scope)
-    reply.started = perf_counter()
+    reply.started = real.perf_counter()
     try:
         await app(scope, receive, send)
     except Exception as exc:  # the app crashed: answer as a server would
@@ -145,7 +147,7 @@ async def call(app: ASGIApp, spec: RequestSpec) -> Reply:
             reply.headers = [(b"content-type", b"text/plain; charset=utf-8")]
             reply.body = bytearray(b"Internal Server Error")
     if not reply.finished:
-        reply.finished = perf_counter()
+        reply.finished = real.perf_counter()
         if not reply.first_byte:
             reply.first_byte = reply.finished
     if disconnect is not None:
