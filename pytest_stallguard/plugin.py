@@ -13,7 +13,7 @@ from typing import Any, Literal, cast
 
 import pytest
 
-from . import intercept, location, loopwatch, patching
+from . import intercept, location, loopwatch, patching, waits
 from .app import load_app
 from .client import StallClient, running
 from .config import MARKER_KEYS, Settings, layer, marker_values
@@ -141,6 +141,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         # teardown): nothing of ours stays patched once pytest is done.
         loopwatch.stop_all()
         patching.restore_all()
+        waits.stop()
+    waits.stop_if_idle()
     old_root = config.stash.get(ROOT_KEY, None)
     if old_root is not None:  # a nested run (pytester) gives the outer one its root back
         location.set_root(old_root)
@@ -341,6 +343,7 @@ def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, None, object]:
         if run is not None:
             run.stop()
             del item.stash[RUN_KEY]  # a finished test holds no app, client or loop
+        waits.stop_if_idle()
 
 
 def _warn_hook_failures() -> None:

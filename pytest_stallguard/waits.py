@@ -113,6 +113,25 @@ class _TimerThread:
                 heapq.heapify(self._heap)
                 self._cancelled = 0
 
+    def stop(self, timeout: float = 2.0) -> None:
+        """Drop every timer and end the thread (the end of a session, an interrupted run);
+        the join is bounded."""
+        with self._cond:
+            for _, _, timer in self._heap:
+                timer.cancelled = True
+                timer.queued = False
+                timer._callback = timer._post = None
+            self._heap.clear()
+            self._cancelled = 0
+            thread, self._thread = self._thread, None
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return all(timer.cancelled for _, _, timer in self._heap)
+
     def pending(self) -> int:
         """Timers on the heap, cancelled or not (for tests)."""
         with self._cond:
@@ -155,6 +174,17 @@ def _fire(timer: Timer) -> None:
 
 
 _timers = _TimerThread()
+
+
+def stop() -> None:
+    """End the timer thread now, dropping every timer (bounded)."""
+    _timers.stop()
+
+
+def stop_if_idle() -> None:
+    """End the timer thread when no wait is using it (after a test: nothing lingers)."""
+    if _timers.idle():
+        _timers.stop()
 
 
 def _poster() -> Callable[[Callable[[], object]], object]:
