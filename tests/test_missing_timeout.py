@@ -31,14 +31,16 @@ TIMEOUTS = {
 
 
 def create_app(url, timeout):
+    sync_client = httpx.Client(timeout=TIMEOUTS[timeout])
+
     @asynccontextmanager
     async def lifespan(app):
-        async with httpx.AsyncClient(timeout=TIMEOUTS[timeout]) as client:
-            app.state.http = client
-            yield
+        with sync_client:
+            async with httpx.AsyncClient(timeout=TIMEOUTS[timeout]) as client:
+                app.state.http = client
+                yield
 
     app = FastAPI(lifespan=lifespan)
-    sync_client = httpx.Client(timeout=TIMEOUTS[timeout])
 
     @app.get("/quote")
     async def quote():
