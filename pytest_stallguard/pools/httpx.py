@@ -1,6 +1,8 @@
 """httpx and httpcore: every private attribute of theirs that stallguard reads is here.
 
-Watch: the transports' ``handle_(async_)request`` (stats, timeouts, the user's line),
+Watch: the transports' ``handle_(async_)request`` (stats, pool timeouts, the user's line,
+and ``missing-timeout``: every outbound call of a request is judged here, whatever answers
+it: a respx fake, a loopback server or a real host),
 httpcore's ``PoolRequest.wait_for_connection`` (the wait for a slot, httpcore 1.0.9) and
 client creation during a request. Shrink: a client's pools (``_max_connections``) or every
 pool created from now on. Leaks: :func:`stuck_pools` finds connections stuck CONNECTING or
@@ -39,6 +41,7 @@ from .common import (
 )
 
 __all__ = [
+    "MISSING_TIMEOUT_HELP",
     "HttpxWatch",
     "StuckPool",
     "client_pools",
@@ -47,17 +50,64 @@ __all__ = [
     "shrink_new_pools",
     "stuck_connections",
     "stuck_pools",
+    "transport_judged_timeout",
+    "unbounded_phases",
+    "untimed_message",
 ]
 
 LIBRARY = "httpx"
 CORE_LIBRARY = "httpcore"
 TRANSPORT = "httpx transport requests"
 WAIT = "httpcore pool waits"
+TIMEOUTS = "httpx call timeouts"
+
+MISSING_TIMEOUT_HELP = (
+    "A call with an unbounded phase waits as long as the upstream takes and holds a "
+    "connection (and the request) all that time; a connect timeout alone does not bound "
+    "the wait for the answer. Give the shared client a timeout for every phase, e.g. "
+    "httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0)), and turn the timeout "
+    "into a clean error response."
+)
+_PHASES = ("connect", "read", "write", "pool")
+_JUDGED = ("read", "pool")  # a call with either unbounded can wait forever
+
+
+def unbounded_phases(timeout: Any) -> list[str] | None:
+    """The phases of ``request.extensions["timeout"]`` with no bound (httpcore reads a
+    missing key as None), when that leaves the call able to wait forever (``read`` or
+    ``pool`` unbounded); None when the call is bounded or the value is not a dict."""
+    if not isinstance(timeout, dict):
+        return None
+    phases = [phase for phase in _PHASES if timeout.get(phase) is None]
+    return phases if any(phase in phases for phase in _JUDGED) else None
+
+
+def untimed_message(request: Any, phases: list[str], request_label: str,
+                    location: Location) -> str:
+    """The ``missing-timeout`` message: the call, the line, the unbounded phases."""
+    file, line, function = location
+    where = "an unknown line" if file is None else f"{file}:{line}" if line else file
+    if file is not None and function:
+        where += f" ({function})"
+    if len(phases) == len(_PHASES):
+        what = "no timeout at all"
+    else:
+        names = ", ".join(phases[:-1]) + (" and " if len(phases) > 1 else "") + phases[-1]
+        bounded = ", ".join(
+            f"{phase}={request.extensions['timeout'].get(phase)!r}" for phase in _PHASES
+            if phase not in phases
+        )
+        what = f"no timeout for its {names} phases (only {bounded})"
+    return (
+        f"{request_label}: the call to {request.method} {request.url} at {where} had "
+        f"{what}. {MISSING_TIMEOUT_HELP} See {DOCS}missing-timeout"
+    )
 
 
 @dataclass
 class _HttpCall:
     wait_s: float = 0.0
+    timeout_judged: bool = False  # the transport judged its timeouts (the fakes do not)
 
 
 _http_call: contextvars.ContextVar[_HttpCall | None] = contextvars.ContextVar(
@@ -70,6 +120,13 @@ def note_http_pool_wait(seconds: float) -> None:
     call = _http_call.get()
     if call is not None:
         call.wait_s += seconds
+
+
+def transport_judged_timeout() -> bool:
+    """True inside an httpx call whose timeouts the transport watch has judged: then the
+    fakes leave ``missing-timeout`` to it, so one call is never reported twice."""
+    call = _http_call.get()
+    return call is not None and call.timeout_judged
 
 
 def _add_wait(started: float) -> None:
@@ -123,6 +180,8 @@ class HttpxWatch:
                                 args, kwargs)
             if sent is None:
                 return await a_link.next(*args, **kwargs)
+            if not hooks.disabled(TIMEOUTS, transport):
+                hooks.safely(LIBRARY, TIMEOUTS, transport, watch._judge_timeout, sent)
             try:
                 return await a_link.next(*args, **kwargs)
             except BaseException as exc:
@@ -141,6 +200,8 @@ class HttpxWatch:
                                 args, kwargs)
             if sent is None:
                 return s_link.next(*args, **kwargs)
+            if not hooks.disabled(TIMEOUTS, transport):
+                hooks.safely(LIBRARY, TIMEOUTS, transport, watch._judge_timeout, sent)
             try:
                 return s_link.next(*args, **kwargs)
             except BaseException as exc:
@@ -218,6 +279,23 @@ class HttpxWatch:
             stats.enter()
         sent.token = _http_call.set(sent.record)
         return sent
+
+    def _judge_timeout(self, sent: _Sent) -> None:
+        """``missing-timeout`` when a request's call can wait forever (read or pool
+        unbounded); the test's own calls outside a request are not findings."""
+        request = sent.request
+        phases = unbounded_phases(request.extensions.get("timeout", {}))
+        info = request_info() if phases is not None else None
+        if phases is not None and info is not None:
+            location = caller_location(sent.frame)
+            url = request.url
+            self.core.record(
+                "missing-timeout", untimed_message(request, phases, info.request, location),
+                location=location, request=info.request,
+                call=f"{request.method} {url.scheme}://{url.netloc.decode('ascii')}",
+                frame=sent.frame,
+            )
+        sent.record.timeout_judged = True
 
     def _failed(self, sent: _Sent, exc: BaseException) -> None:
         if not isinstance(exc, httpx.PoolTimeout):

@@ -44,8 +44,14 @@ from respx.mocks import HTTPCoreMocker
 
 from .. import context, guard, patching
 from ..clock import real
-from ..model import DOCS
 from ..pools import note_http_pool_wait
+from ..pools.common import caller_location
+from ..pools.httpx import (
+    MISSING_TIMEOUT_HELP,
+    transport_judged_timeout,
+    unbounded_phases,
+    untimed_message,
+)
 from .calls import OWNER, Call, CallLog, Knobs, Recorded, quietly
 from .calls import failed as _failed
 from .server import Server, serve
@@ -58,13 +64,6 @@ __all__ = ["MISSING_TIMEOUT_HELP", "SlowUpstreams", "Upstream", "slow_upstreams"
 # bug of ours can get here.
 SLOT_WAIT_BOUND_S = 120.0
 _RECHECK_S = 1.0  # how often such a wait looks at the bound
-
-MISSING_TIMEOUT_HELP = (
-    "A call with no timeout waits as long as the upstream takes and holds a connection "
-    "(and the request) all that time. Give the shared client a timeout, e.g. "
-    "httpx.AsyncClient(timeout=httpx.Timeout(5.0, connect=2.0)), and turn the timeout "
-    "into a clean error response."
-)
 
 # The httpcore pool (sync or async) whose handle_[async_]request is running: the side
 # effect only receives the request, the pool's limits come from here.
@@ -243,22 +242,28 @@ class Upstream(Recorded):
             self._log.begin(call)
             if all(v is None for v in timeout.values()):
                 self._log.note_untimed()
-                self._missing_timeout(request, info)
+            self._missing_timeout(request, info)
         except Exception as exc:
             _failed("the call log", exc)
         return call, timeout
 
     def _missing_timeout(self, request: httpx.Request, info: context.RequestInfo | None) -> None:
+        """Only when no transport watch judged this call (a bare :class:`Guard`): the
+        transport owns ``missing-timeout`` for every call it sees, fakes included."""
         active = guard.active()
-        if active is None or info is None:
+        if active is None or info is None or transport_judged_timeout():
             return
         try:
+            phases = unbounded_phases(request.extensions.get("timeout", {}))
+            if phases is None:
+                return
+            frame = sys._getframe(1)
+            location = caller_location(frame)
             active.record(
                 "missing-timeout",
-                f"The call to {request.method} {request.url} had no timeout at all "
-                f"(during {info.request}). {MISSING_TIMEOUT_HELP} "
-                f"See {DOCS}missing-timeout",
-                frame=sys._getframe(1),
+                untimed_message(request, phases, info.request, location),
+                frame=frame,
+                location=location,
                 request=info.request,
                 call=f"{request.method} {self.base_url}",
             )
