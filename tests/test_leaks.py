@@ -355,11 +355,7 @@ def orphan_connection(client: httpx.AsyncClient, url: str) -> tuple[Any, Any]:
     reached through the pool's own assignment code (httpcore 1.0 internals). Returns the
     connection and the request it was given for."""
     import httpcore
-
-    try:
-        from httpcore._async.connection_pool import AsyncPoolRequest
-    except ImportError:  # pragma: no cover - httpcore < 1.0 queues requests differently
-        pytest.skip("orphaning a connection by hand needs httpcore 1.0's AsyncPoolRequest")
+    from httpcore._async.connection_pool import AsyncPoolRequest  # httpcore >= 1.0.3
     pool = client._transport._pool  # type: ignore[attr-defined]
     host = httpx.URL(url).netloc
     timeouts = {"connect": 10.0, "read": 60.0, "write": 10.0}
@@ -386,7 +382,17 @@ ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 SHORT_POOL_WAIT = httpx.Timeout(10.0, pool=0.05)  # the pool is either free or wedged for good
 
 
+def _has_pool_request() -> bool:
+    from httpcore._async import connection_pool
+
+    return hasattr(connection_pool, "AsyncPoolRequest")
+
+
 @BOTH
+@pytest.mark.skipif(
+    not _has_pool_request(),
+    reason="orphaning a connection by hand needs httpcore 1.0.3's AsyncPoolRequest",
+)
 @pytest.mark.parametrize("state", ["CONNECTING", "ACTIVE"])
 async def test_wedged_pool_is_reported(state: str) -> None:
     """A pool of one whose only connection no request owns: every later request gets
