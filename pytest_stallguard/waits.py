@@ -138,9 +138,12 @@ class _TimerThread:
             return len(self._heap)
 
     def _run(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._cond:
                 while True:
+                    if self._thread is not me:  # stopped (or replaced): end at once
+                        return
                     while self._heap and self._heap[0][2].cancelled:
                         heapq.heappop(self._heap)[2].queued = False
                         self._cancelled -= 1
