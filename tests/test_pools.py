@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -106,10 +107,19 @@ async def test_threadpool_saturation_is_found(shrink: ShrinkPools) -> None:
 
 @BOTH
 async def test_enough_threads_is_clean() -> None:
-    async with asgi_client(report_app()) as client:
+    app = report_app()
+    # All six calls hold their thread until the sixth has started: six threads busy at
+    # once however slowly the box starts them (too few threads: BrokenBarrierError, 500).
+    together = threading.Barrier(6, timeout=10)
+
+    @app.get("/together")
+    def report_together() -> dict[str, int]:
+        return {"arrived": together.wait()}
+
+    async with asgi_client(app) as client:
         await client.get("/report")
         with Guard(threshold_ms=50) as g, PoolWatch() as watch:
-            statuses = await fire(client, "/report", 6)
+            statuses = await fire(client, "/together", 6)
     assert statuses == [200] * 6
     assert g.findings == []
     [stats] = watch.stats()
@@ -127,14 +137,18 @@ async def test_every_wait_past_the_threshold_is_a_finding() -> None:
     def tiny() -> dict[str, int]:
         return {"x": 1}
 
-    async with asgi_client(app) as client:
+    async with asgi_client(app) as client, ShrinkPools() as shrink:
         await client.get("/tiny")
-        with Guard(threshold_ms=1) as g, PoolWatch() as watch:
+        shrink.threads(100)  # more tokens than the burst can take: never saturated
+        # A zero threshold: every start is late (starting or waking a thread takes time),
+        # so the finding does not hang on how busy the machine is.
+        with Guard(threshold_ms=0) as g, PoolWatch() as watch:
             for _ in range(3):
                 assert await fire(client, "/tiny", 40) == [200] * 40
     [stats] = watch.stats()
-    late = sum(wait > 1 for wait in stats.waits_ms)
-    assert late > 0  # under a 40-wide burst some calls start late, with tokens free
+    assert stats.max_in_use < stats.size == 100  # tokens free all along...
+    late = sum(wait > 0 for wait in stats.waits_ms)
+    assert late == len(stats.waits_ms) >= 120  # ...yet every start took some time
     [finding] = g.findings
     assert (finding.kind, finding.function, finding.count) == (
         "threadpool-saturation", "tiny", late
@@ -209,7 +223,7 @@ def dashboard_app(engine: AsyncEngine, client: httpx.AsyncClient) -> FastAPI:
 async def test_holding_a_connection_across_a_slow_call_exhausts_the_pool(
     engine: AsyncEngine, shrink: ShrinkPools, upstreams: SlowUpstreams
 ) -> None:
-    upstreams("https://stats.example", delay=0.3)
+    upstreams("https://stats.example", delay=1.0)  # ten times the pool timeout
     async with httpx.AsyncClient(timeout=5.0) as upstream_client:
         app = dashboard_app(engine, upstream_client)
         async with asgi_client(app) as client:
@@ -237,18 +251,23 @@ async def test_holding_a_connection_across_a_slow_call_exhausts_the_pool(
 async def test_fixed_dashboard_is_clean(
     engine: AsyncEngine, shrink: ShrinkPools, upstreams: SlowUpstreams
 ) -> None:
-    upstreams("https://stats.example", delay=0.3)
+    delay = 1.0
+    upstreams("https://stats.example", delay=delay)
     async with httpx.AsyncClient(timeout=5.0) as upstream_client, asgi_client(
         dashboard_app(engine, upstream_client)
     ) as client:
         await client.get("/dashboard-fixed")
-        shrink.sqlalchemy(engine, size=2, overflow=0, timeout=0.5)
-        with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+        shrink.sqlalchemy(engine, size=2, overflow=0, timeout=5.0)
+        # Six requests on two connections: the broken twin makes each later wave wait a
+        # whole upstream call (>= 1000 ms); the fixed one holds a connection for a query
+        # only, so its waits stay far below half of that, however busy the machine.
+        with Guard(threshold_ms=delay * 1000 / 2) as g, PoolWatch() as watch:
             statuses = await fire(client, "/dashboard-fixed", 6)
     assert statuses == [200] * 6
     assert g.findings == []
     [stats] = [s for s in watch.stats() if s.kind == "sqlalchemy"]
-    assert stats.timeouts == 0
+    assert (stats.size, stats.timeouts) == (2, 0)
+    assert len(stats.waits_ms) >= 6
 
 
 def test_sync_engine_shrink_and_restore(tmp_path: Path) -> None:
@@ -287,7 +306,7 @@ def payments_app(client: httpx.AsyncClient, url: str) -> FastAPI:
 
 @BOTH
 async def test_httpx_pool_exhaustion_against_a_real_server(shrink: ShrinkPools) -> None:
-    with serve(delay=0.3) as server:
+    with serve(delay=1.0) as server:  # ten times the pool timeout
         async with httpx.AsyncClient(timeout=5.0) as upstream_client:
             pool = upstream_client._transport._pool  # type: ignore[attr-defined]
             saved = (pool._max_connections, upstream_client.timeout)
