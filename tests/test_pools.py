@@ -223,11 +223,12 @@ def dashboard_app(engine: AsyncEngine, client: httpx.AsyncClient) -> FastAPI:
 async def test_holding_a_connection_across_a_slow_call_exhausts_the_pool(
     engine: AsyncEngine, shrink: ShrinkPools, upstreams: SlowUpstreams
 ) -> None:
-    upstreams("https://stats.example", delay=1.0)  # ten times the pool timeout
+    upstreams("https://stats.example")  # quick, for the warm-up
     async with httpx.AsyncClient(timeout=5.0) as upstream_client:
         app = dashboard_app(engine, upstream_client)
         async with asgi_client(app) as client:
             await client.get("/dashboard")
+            upstreams("https://stats.example", delay=1.0)  # newer, so it wins; 10x the timeout
             original_pool = engine.sync_engine.pool
             small = shrink.sqlalchemy(engine, size=2, overflow=0, timeout=0.1)
             assert engine.sync_engine.pool is small
@@ -252,11 +253,12 @@ async def test_fixed_dashboard_is_clean(
     engine: AsyncEngine, shrink: ShrinkPools, upstreams: SlowUpstreams
 ) -> None:
     delay = 1.0
-    upstreams("https://stats.example", delay=delay)
+    upstreams("https://stats.example")  # quick, for the warm-up
     async with httpx.AsyncClient(timeout=5.0) as upstream_client, asgi_client(
         dashboard_app(engine, upstream_client)
     ) as client:
         await client.get("/dashboard-fixed")
+        upstreams("https://stats.example", delay=delay)  # newer, so it wins
         shrink.sqlalchemy(engine, size=2, overflow=0, timeout=5.0)
         # Six requests on two connections: the broken twin makes each later wave wait a
         # whole upstream call (>= 1000 ms); the fixed one holds a connection for a query

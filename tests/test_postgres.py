@@ -138,10 +138,11 @@ def ledger_app(pool: Any, client: httpx.AsyncClient) -> FastAPI:
 async def test_asyncpg_pool_exhaustion_while_holding_across_a_slow_call(
     pg_pool: Any, upstreams: SlowUpstreams
 ) -> None:
-    upstreams("https://fx.example", delay=1.0)  # ten times the pool timeout
+    upstreams("https://fx.example")  # quick, for the warm-up
     shrink = ShrinkPools()
     async with httpx.AsyncClient(timeout=5.0) as fx, asgi_client(ledger_app(pg_pool, fx)) as c:
         await c.get("/ledger")
+        upstreams("https://fx.example", delay=1.0)  # newer, so it wins; 10x the timeout
         await shrink.asyncpg(pg_pool, size=2, timeout=0.1)
         try:
             with Guard(threshold_ms=50) as g, PoolWatch() as watch:
@@ -161,10 +162,11 @@ async def test_asyncpg_pool_exhaustion_while_holding_across_a_slow_call(
 
 async def test_asyncpg_fixed_endpoint_is_clean(pg_pool: Any, upstreams: SlowUpstreams) -> None:
     delay = 1.0
-    upstreams("https://fx.example", delay=delay)
+    upstreams("https://fx.example")  # quick, for the warm-up
     shrink = ShrinkPools()
     async with httpx.AsyncClient(timeout=5.0) as fx, asgi_client(ledger_app(pg_pool, fx)) as c:
         await c.get("/ledger-fixed")
+        upstreams("https://fx.example", delay=delay)  # newer, so it wins
         await shrink.asyncpg(pg_pool, size=2, timeout=5.0)
         try:
             # Six requests on two connections: the broken twin makes each later wave wait
