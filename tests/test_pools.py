@@ -118,7 +118,9 @@ async def test_enough_threads_is_clean() -> None:
 
     async with asgi_client(app) as client:
         await client.get("/report")
-        with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+        # Every wait past the threshold is a finding: 150 ms is far above a thread start on
+        # a busy machine and below what the saturated twin waits (a 0.2 s call per wave).
+        with Guard(threshold_ms=150) as g, PoolWatch() as watch:
             statuses = await fire(client, "/together", 6)
     assert statuses == [200] * 6
     assert g.findings == []

@@ -155,11 +155,14 @@ def test_marker_pools_shrink_what_the_app_creates(app_dir: pytest.Pytester) -> N
         def stall_app():
             return create_app()
 
-        @pytest.mark.concurrency(pools={"threads": 2}, pool_wait_ms=50)
+        # 150 ms: above a thread start on a busy machine, below the shrunk pool's waits
+        # (its third wave waits two 0.2 s calls)
+        @pytest.mark.concurrency(pools={"threads": 2}, pool_wait_ms=150)
         async def test_shrunk(stall_client):
             r = await stall_client.burst("GET", "/thread", n=6)
             assert r.statuses[200] == 6
 
+        @pytest.mark.concurrency(pool_wait_ms=150)
         async def test_default(stall_client):
             r = await stall_client.burst("GET", "/thread", n=6)
             assert r.statuses[200] == 6
