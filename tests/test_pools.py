@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -106,10 +107,21 @@ async def test_threadpool_saturation_is_found(shrink: ShrinkPools) -> None:
 
 @BOTH
 async def test_enough_threads_is_clean() -> None:
-    async with asgi_client(report_app()) as client:
+    app = report_app()
+    # All six calls hold their thread until the sixth has started: six threads busy at
+    # once however slowly the box starts them (too few threads: BrokenBarrierError, 500).
+    together = threading.Barrier(6, timeout=10)
+
+    @app.get("/together")
+    def report_together() -> dict[str, int]:
+        return {"arrived": together.wait()}
+
+    async with asgi_client(app) as client:
         await client.get("/report")
-        with Guard(threshold_ms=50) as g, PoolWatch() as watch:
-            statuses = await fire(client, "/report", 6)
+        # Every wait past the threshold is a finding: 150 ms is far above a thread start on
+        # a busy machine and below what the saturated twin waits (a 0.2 s call per wave).
+        with Guard(threshold_ms=150) as g, PoolWatch() as watch:
+            statuses = await fire(client, "/together", 6)
     assert statuses == [200] * 6
     assert g.findings == []
     [stats] = watch.stats()
@@ -127,14 +139,18 @@ async def test_every_wait_past_the_threshold_is_a_finding() -> None:
     def tiny() -> dict[str, int]:
         return {"x": 1}
 
-    async with asgi_client(app) as client:
+    async with asgi_client(app) as client, ShrinkPools() as shrink:
         await client.get("/tiny")
-        with Guard(threshold_ms=1) as g, PoolWatch() as watch:
+        shrink.threads(100)  # more tokens than the burst can take: never saturated
+        # A zero threshold: every start is late (starting or waking a thread takes time),
+        # so the finding does not hang on how busy the machine is.
+        with Guard(threshold_ms=0) as g, PoolWatch() as watch:
             for _ in range(3):
                 assert await fire(client, "/tiny", 40) == [200] * 40
     [stats] = watch.stats()
-    late = sum(wait > 1 for wait in stats.waits_ms)
-    assert late > 0  # under a 40-wide burst some calls start late, with tokens free
+    assert stats.max_in_use < stats.size == 100  # tokens free all along...
+    late = sum(wait > 0 for wait in stats.waits_ms)
+    assert late == len(stats.waits_ms) >= 120  # ...yet every start took some time
     [finding] = g.findings
     assert (finding.kind, finding.function, finding.count) == (
         "threadpool-saturation", "tiny", late
@@ -209,11 +225,12 @@ def dashboard_app(engine: AsyncEngine, client: httpx.AsyncClient) -> FastAPI:
 async def test_holding_a_connection_across_a_slow_call_exhausts_the_pool(
     engine: AsyncEngine, shrink: ShrinkPools, upstreams: SlowUpstreams
 ) -> None:
-    upstreams("https://stats.example", delay=0.3)
+    upstreams("https://stats.example")  # quick, for the warm-up
     async with httpx.AsyncClient(timeout=5.0) as upstream_client:
         app = dashboard_app(engine, upstream_client)
         async with asgi_client(app) as client:
             await client.get("/dashboard")
+            upstreams("https://stats.example", delay=1.0)  # newer, so it wins; 10x the timeout
             original_pool = engine.sync_engine.pool
             small = shrink.sqlalchemy(engine, size=2, overflow=0, timeout=0.1)
             assert engine.sync_engine.pool is small
@@ -237,18 +254,24 @@ async def test_holding_a_connection_across_a_slow_call_exhausts_the_pool(
 async def test_fixed_dashboard_is_clean(
     engine: AsyncEngine, shrink: ShrinkPools, upstreams: SlowUpstreams
 ) -> None:
-    upstreams("https://stats.example", delay=0.3)
+    delay = 1.0
+    upstreams("https://stats.example")  # quick, for the warm-up
     async with httpx.AsyncClient(timeout=5.0) as upstream_client, asgi_client(
         dashboard_app(engine, upstream_client)
     ) as client:
         await client.get("/dashboard-fixed")
-        shrink.sqlalchemy(engine, size=2, overflow=0, timeout=0.5)
-        with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+        upstreams("https://stats.example", delay=delay)  # newer, so it wins
+        shrink.sqlalchemy(engine, size=2, overflow=0, timeout=5.0)
+        # Six requests on two connections: the broken twin makes each later wave wait a
+        # whole upstream call (>= 1000 ms); the fixed one holds a connection for a query
+        # only, so its waits stay far below half of that, however busy the machine.
+        with Guard(threshold_ms=delay * 1000 / 2) as g, PoolWatch() as watch:
             statuses = await fire(client, "/dashboard-fixed", 6)
     assert statuses == [200] * 6
     assert g.findings == []
     [stats] = [s for s in watch.stats() if s.kind == "sqlalchemy"]
-    assert stats.timeouts == 0
+    assert (stats.size, stats.timeouts) == (2, 0)
+    assert len(stats.waits_ms) >= 6
 
 
 def test_sync_engine_shrink_and_restore(tmp_path: Path) -> None:
@@ -287,7 +310,7 @@ def payments_app(client: httpx.AsyncClient, url: str) -> FastAPI:
 
 @BOTH
 async def test_httpx_pool_exhaustion_against_a_real_server(shrink: ShrinkPools) -> None:
-    with serve(delay=0.3) as server:
+    with serve(delay=1.0) as server:  # ten times the pool timeout
         async with httpx.AsyncClient(timeout=5.0) as upstream_client:
             pool = upstream_client._transport._pool  # type: ignore[attr-defined]
             saved = (pool._max_connections, upstream_client.timeout)

@@ -138,11 +138,12 @@ def ledger_app(pool: Any, client: httpx.AsyncClient) -> FastAPI:
 async def test_asyncpg_pool_exhaustion_while_holding_across_a_slow_call(
     pg_pool: Any, upstreams: SlowUpstreams
 ) -> None:
-    upstreams("https://fx.example", delay=0.4)
+    upstreams("https://fx.example")  # quick, for the warm-up
     shrink = ShrinkPools()
     async with httpx.AsyncClient(timeout=5.0) as fx, asgi_client(ledger_app(pg_pool, fx)) as c:
         await c.get("/ledger")
-        await shrink.asyncpg(pg_pool, size=2, timeout=0.2)
+        upstreams("https://fx.example", delay=1.0)  # newer, so it wins; 10x the timeout
+        await shrink.asyncpg(pg_pool, size=2, timeout=0.1)
         try:
             with Guard(threshold_ms=50) as g, PoolWatch() as watch:
                 statuses = await fire(c, "/ledger", 6)
@@ -160,13 +161,18 @@ async def test_asyncpg_pool_exhaustion_while_holding_across_a_slow_call(
 
 
 async def test_asyncpg_fixed_endpoint_is_clean(pg_pool: Any, upstreams: SlowUpstreams) -> None:
-    upstreams("https://fx.example", delay=0.4)
+    delay = 1.0
+    upstreams("https://fx.example")  # quick, for the warm-up
     shrink = ShrinkPools()
     async with httpx.AsyncClient(timeout=5.0) as fx, asgi_client(ledger_app(pg_pool, fx)) as c:
         await c.get("/ledger-fixed")
-        await shrink.asyncpg(pg_pool, size=2, timeout=0.5)
+        upstreams("https://fx.example", delay=delay)  # newer, so it wins
+        await shrink.asyncpg(pg_pool, size=2, timeout=5.0)
         try:
-            with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+            # Six requests on two connections: the broken twin makes each later wave wait
+            # a whole upstream call (>= 1000 ms); the fixed one holds a connection for a
+            # query only, so its waits stay far below half of that on a busy machine.
+            with Guard(threshold_ms=delay * 1000 / 2) as g, PoolWatch() as watch:
                 leaks = LeakCheck(watch).start()
                 statuses = await fire(c, "/ledger-fixed", 6)
                 assert await leaks.check(grace_s=0.2) == []
@@ -174,6 +180,8 @@ async def test_asyncpg_fixed_endpoint_is_clean(pg_pool: Any, upstreams: SlowUpst
             await shrink.aclose()
     assert statuses == [200] * 6
     assert g.findings == []
+    [stats] = [s for s in watch.stats() if s.kind == "asyncpg"]
+    assert stats.max_in_use <= 2 and stats.timeouts == 0
 
 
 async def test_asyncpg_connection_never_released_is_a_leak(pg_pool: Any) -> None:

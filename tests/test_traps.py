@@ -463,7 +463,8 @@ async def test_sleep_duration_is_the_call_duration(app: FastAPI) -> None:
     (finding,) = guard.findings
     slept_ms = response.json()["slept_ms"]  # measured by the app around its own call
     assert finding.duration_ms is not None
-    assert 0.8 * slept_ms <= finding.duration_ms <= slept_ms <= around_ms
+    # time.sleep(0.05) never sleeps less; the trap measures inside the app's own clocks
+    assert 50 <= finding.duration_ms <= slept_ms <= around_ms
     assert f"blocked the event loop for {finding.duration_ms:.1f} ms" in finding.message
 
 
