@@ -150,8 +150,8 @@ class Watchdog:
 
     def _watch(self, interval: float) -> None:
         # Our own run-queue wait (waiting for a CPU), to tell it from waiting for the GIL.
-        if self.watch.gil:
-            self._rq_fd = discount.open_schedstat(threading.get_native_id())
+        # -2: to open (in the loop, when no step runs: opening releases the GIL)
+        self._rq_fd = -2 if self.watch.gil else -1
         try:
             self._watch_loop(interval)
         finally:
@@ -163,10 +163,24 @@ class Watchdog:
     def _watch_loop(self, interval: float) -> None:
         watch = self.watch
         sample_after = watch._sample_after_s
+        rq0 = -1  # our run-queue wait (ns) before the sleep, -1 unknown
         while not self._stopping:
             # Before taking the time: reading /proc releases the GIL, and taking it back
-            # may wait; that wait is not the sleep's lateness.
-            rq0 = discount.run_queue_ns(self._rq_fd) if self._rq_fd >= 0 else -1
+            # may wait; that wait is not the sleep's lateness. Not while a loop runs a step
+            # (as for the loop's own readings): the step could run to its end unsampled.
+            # The last reading is kept instead; being older, it can only count more of the
+            # lateness as waiting for a CPU, never less.
+            if self._rq_fd != -1 and not any(st.start for st in list(watch._mine.values())):
+                released = real.perf_counter()
+                if self._rq_fd == -2:
+                    self._rq_fd = discount.open_schedstat(threading.get_native_id())
+                if self._rq_fd >= 0:
+                    rq0 = discount.run_queue_ns(self._rq_fd)  # releases the GIL
+                back = real.perf_counter()
+                if back - released > sample_after:
+                    # Got the GIL back late: a step (a C call holding the GIL) may be
+                    # about to end: sample it now, as on a late wake.
+                    self._sample_due(list(watch._mine.values()), back, True, set())
             asked = real.perf_counter()
             cpu0 = _cpu.process_time()
             real.sleep(interval)
