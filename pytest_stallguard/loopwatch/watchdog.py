@@ -22,8 +22,12 @@ for a CPU, not for the GIL. So the watchdog reads its own schedstat run-queue wa
 sleeping and after waking (:func:`gil_evidence`): only the lateness it did *not* spend
 waiting for a CPU was spent waiting for the GIL, and only when that exceeds twice the
 threshold is a thread running user code recorded as a loop-stall with ``call="gil"``; the
-message gives the split. Without ``/proc`` schedstat the lateness is blamed as before and
-the message says that CPU contention could not be ruled out.
+message gives the split. That wait alone is no proof either when several threads are in user
+code (the GIL goes round among many threads, and one preempted while it holds the GIL makes
+all wait): they are then looked at for a few ms (:func:`_threads_together`), and threads
+running, or waiting for a CPU, side by side release the GIL: not reported. Without
+``/proc`` schedstat the lateness is blamed as before and the message says that CPU
+contention could not be ruled out.
 """
 
 from __future__ import annotations
