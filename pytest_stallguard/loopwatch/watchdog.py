@@ -306,7 +306,7 @@ class Watchdog:
 _MAX_LOOKED_AT = 64
 # Threads that need the GIL to run take turns: together they run (or wait for a CPU) about
 # one thread at a time. Threads that release it run side by side.
-_TOGETHER = 1.5
+_TOGETHER = 2.0
 
 
 def _schedstat_pair(fd: int) -> tuple[float, int, int] | None:
