@@ -71,6 +71,7 @@ async def run(
     ttfb = [0.0] * n
     statuses: Counter[int] = Counter()
     errors: list[RequestError] = []
+    crashed: list[RequestError] = []  # requests the app raised on (answered 500)
     k = len(specs)
 
     async def one(i: int, issued: float) -> None:
@@ -89,9 +90,11 @@ async def run(
                 return
         latencies[i] = (reply.finished - issued) * 1000.0
         ttfb[i] = (reply.first_byte - issued) * 1000.0
-        if reply.exception is not None and reply.status and reply.status != 500:
-            # The app crashed after it had started answering: no complete response.
-            errors.append(RequestError(i, spec.method, spec.path, reply.exception))
+        if reply.exception is not None:
+            crashed.append(RequestError(i, spec.method, spec.path, reply.exception))
+            if reply.status and reply.status != 500:
+                # The app crashed after it had started answering: no complete response.
+                errors.append(crashed[-1])
         statuses[reply.status] += 1
 
     started = real.perf_counter()
@@ -125,4 +128,5 @@ async def run(
         errors=errors,
         elapsed_s=elapsed,
         specs=labels,
+        app_exception=min(crashed, key=lambda e: e.index) if crashed else None,
     )

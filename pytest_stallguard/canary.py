@@ -22,6 +22,7 @@ from . import waits
 from .clock import real
 from .context import ASGIApp
 from .driver import RequestSpec, call
+from .errors import CanaryError
 from .model import CanaryResult
 
 # A quiet probe measured from its schedule takes 2-9 ms here, mostly timer wake-up, so a
@@ -111,7 +112,13 @@ async def baseline(
         f"within {bound_s:g} s, before any load: a canary must be a cheap endpoint that "
         "answers at once (a health check); pick another path or see why this one waits",
     ):
-        await call(app, spec)  # warm-up: one-time framework work is not the baseline
+        reply = await call(app, spec)  # warm-up: one-time framework work is not the baseline
+        if reply.status == 404 or reply.status >= 500:
+            raise CanaryError(
+                f"the canary GET {spec.path} answered {reply.status} before any load: a "
+                "canary must be a cheap endpoint of the app that answers 2xx at once (a "
+                "health check). Check the path, or pick another with canary=..."
+            )
         service = await service_ms(app, spec)
         out: list[float] = []
         await _schedule(app, spec, every_ms / 1000.0, out, None, BASELINE_PROBES)

@@ -19,6 +19,10 @@ class ConfigError(StallguardError, ValueError):
     """A setting has a bad value; the message names the value, its source and what is valid."""
 
 
+class CanaryError(StallguardError, ValueError):
+    """The canary path cannot be a canary: it does not exist or fails before any load."""
+
+
 class AppLoadError(StallguardError):
     """The app under test could not be found or is not an ASGI app."""
 

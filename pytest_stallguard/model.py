@@ -179,6 +179,8 @@ class BurstResult:
     elapsed_s: float
     canary: CanaryResult | None = None
     specs: tuple[str, ...] = field(default=())
+    # The first request the app raised on (answered 500), for a failing test's report.
+    app_exception: RequestError | None = None
 
     @property
     def p50_ms(self) -> float:
@@ -205,7 +207,7 @@ class BurstResult:
         """A copy for the reports that holds no traceback (a traceback holds the frames,
         and with them the app, the client and the loop of a finished test)."""
         errors = [replace(e, exception=_detached(e.exception)) for e in self.errors]
-        return replace(self, errors=errors)
+        return replace(self, errors=errors, app_exception=None)
 
     def to_dict(self) -> dict[str, Any]:
         return {

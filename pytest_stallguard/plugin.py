@@ -405,6 +405,8 @@ def pytest_runtest_makereport_record(
     outcome = item.stash.get(OUTCOME_KEY, "passed")
     if report.when == "call":
         outcome = report.outcome
+        if report.failed:
+            _show_app_exception(report, run)
         if hasattr(report, "wasxfail"):
             outcome = "xfailed" if report.skipped else "xpassed"
     elif report.failed:
@@ -424,6 +426,23 @@ def pytest_runtest_makereport_record(
         item.config.stash[REPORTER_KEY].add(record)
         del item.stash[RUN_KEY]  # per-test state goes with its report
     return report
+
+
+def _show_app_exception(report: pytest.TestReport, run: GuardRun) -> None:
+    """A failing test whose bursts got 500s: show the first exception the app raised
+    (type, message, the app's own frames), not only ``assert 0 == 5``."""
+    bursts = run.client.bursts if run.client is not None else run.bursts
+    for burst in bursts:
+        crash = burst.app_exception
+        if crash is None:
+            continue
+        lines = [
+            f"request #{crash.index} of the burst {burst.method} {burst.path} answered 500: "
+            "the app raised",
+            *_exception_lines(crash.exception),
+        ]
+        report.sections.append(("stallguard: the app raised during a burst", "\n".join(lines)))
+        return
 
 
 class _Reporter:
@@ -485,16 +504,20 @@ class _Reporter:
 def startup_failure(exc: BaseException, when: str) -> str:
     """The user's exception first, with the frames of their code, then one line saying
     when it happened; no pages of anyio and asgi-lifespan frames."""
-    frames = [
-        f for f in traceback.extract_tb(exc.__traceback__) if location.is_user_file(f.filename)
-    ]
-    lines = ["".join(traceback.format_exception_only(type(exc), exc)).rstrip()]
-    for f in frames:
-        lines.append(f"  {location.relative(f.filename)}:{f.lineno} in {f.name}")
-        if f.line:
-            lines.append(f"    {f.line.strip()}")
+    lines = _exception_lines(exc)
     lines.append(f"(This happened {when}, before the test body ran.)")
     return "\n".join(lines)
+
+
+def _exception_lines(exc: BaseException) -> list[str]:
+    """``Type: message``, then the frames of the user's own code (file:line, source)."""
+    lines = ["".join(traceback.format_exception_only(type(exc), exc)).rstrip()]
+    for f in traceback.extract_tb(exc.__traceback__):
+        if location.is_user_file(f.filename):
+            lines.append(f"  {location.relative(f.filename)}:{f.lineno} in {f.name}")
+            if f.line:
+                lines.append(f"    {f.line.strip()}")
+    return lines
 
 
 def _run_of(request: pytest.FixtureRequest) -> GuardRun:
