@@ -319,6 +319,22 @@ async def test_pool(app):
         await app.state.engine.dispose()
 
 
+@pytest.fixture
+async def app_from_thread(late, tmp_path, upstream):
+    import anyio.to_thread
+
+    myapp = await anyio.to_thread.run_sync(late, "myapp")  # imported in a worker thread
+    return myapp.create_app(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", upstream)
+
+
+@pytest.mark.anyio
+async def test_pool_imported_in_a_thread(app_from_thread):
+    try:
+        assert await fire(app_from_thread, "/hold", 20) == [200] * 20
+    finally:
+        await app_from_thread.state.engine.dispose()
+
+
 @pytest.mark.anyio
 async def test_requests(app):
     assert await fire(app, "/sync-http", 1) == [200]
@@ -399,6 +415,15 @@ def test_sqlalchemy_pool_of_an_app_imported_in_the_test_is_watched(
     pools = [p for p in lazy["pools"] if p["kind"] == "sqlalchemy"]
     assert [(p["size"], p["max_in_use"]) for p in pools] == [(2, 2)]
     assert pools[0]["wait_max_ms"] > 1000  # the last of 20 queued behind 9 holds of 200 ms
+
+
+def test_an_app_imported_in_a_worker_thread_is_watched(
+    shop: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, where = _both(
+        shop, monkeypatch, "test_suite.py", "test_pool_imported_in_a_thread", "pool-exhaustion"
+    )
+    assert where == {("myapp.py", _line(APP, "HOLD-LINE"), "GET /hold")}
 
 
 def test_requests_in_an_app_imported_in_the_test_is_trapped(
