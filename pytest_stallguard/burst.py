@@ -17,7 +17,7 @@ from .clock import real
 from .context import ASGIApp
 from .driver import RequestSpec, build_spec, call
 from .errors import ConfigError
-from .model import BurstResult, RequestError
+from .model import BurstResult, RequestError, RequestTiming
 
 SpecLike = Any  # ("GET", "/x") | ("POST", "/x", {"json": ...}) | {"method": ..., "path": ...}
 
@@ -69,6 +69,8 @@ async def run(
     """
     latencies = [0.0] * n
     ttfb = [0.0] * n
+    issued_at = [0.0] * n
+    status_of = [0] * n
     statuses: Counter[int] = Counter()
     errors: list[RequestError] = []
     crashed: list[RequestError] = []  # requests the app raised on (answered 500)
@@ -76,6 +78,7 @@ async def run(
 
     async def one(i: int, issued: float) -> None:
         spec = specs[i % k]
+        issued_at[i] = issued
         if timeout is None:
             reply = await call(app, spec)
         else:
@@ -96,6 +99,7 @@ async def run(
                 # The app crashed after it had started answering: no complete response.
                 errors.append(crashed[-1])
         statuses[reply.status] += 1
+        status_of[i] = reply.status
 
     started = real.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -115,6 +119,18 @@ async def run(
                 tg.start_soon(worker)
     elapsed = real.perf_counter() - started
 
+    requests = [
+        RequestTiming(
+            i=i,
+            method=specs[i % k].method,
+            path=specs[i % k].path,
+            status=status_of[i],
+            start_ms=(issued_at[i] - started) * 1000.0,
+            latency_ms=latencies[i],
+            ttfb_ms=ttfb[i],
+        )
+        for i in range(n)
+    ]
     labels = tuple(dict.fromkeys(s.label for s in specs))
     mixed = len(labels) > 1
     return BurstResult(
@@ -129,4 +145,6 @@ async def run(
         elapsed_s=elapsed,
         specs=labels,
         app_exception=min(crashed, key=lambda e: e.index) if crashed else None,
+        requests=requests,
+        t0=started,
     )
