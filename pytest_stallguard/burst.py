@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from . import waits
+from . import audit, waits
 from .clock import real
 from .context import ASGIApp
 from .driver import RequestSpec, build_spec, call
@@ -71,14 +71,23 @@ async def run(
     ttfb = [0.0] * n
     issued_at = [0.0] * n
     status_of = [0] * n
+    ledgers: list[audit.Ledger | None] = [None] * n
     statuses: Counter[int] = Counter()
     errors: list[RequestError] = []
     crashed: list[RequestError] = []  # requests the app raised on (answered 500)
     k = len(specs)
 
     async def one(i: int, issued: float) -> None:
-        spec = specs[i % k]
         issued_at[i] = issued
+        ledger, token = audit.begin(issued)
+        ledgers[i] = ledger
+        try:
+            await one_request(i, issued)
+        finally:
+            audit.end(ledger, token)
+
+    async def one_request(i: int, issued: float) -> None:
+        spec = specs[i % k]
         if timeout is None:
             reply = await call(app, spec)
         else:
@@ -101,36 +110,39 @@ async def run(
         statuses[reply.status] += 1
         status_of[i] = reply.status
 
-    started = real.perf_counter()
-    async with anyio.create_task_group() as tg:
-        if concurrency is None or concurrency >= n:
-            # All issued at once: each latency runs from the burst's start, so requests that
-            # queued behind a blocked loop are charged for the wait.
-            for i in range(n):
-                tg.start_soon(one, i, started)
-        else:
-            cursor = iter(range(n))
+    recorder = audit.Recorder().start()
+    started = recorder.t0 = real.perf_counter()
+    try:
+        await _fire(one, n, concurrency, started)
+    finally:
+        recorder.stop()
+    ended = real.perf_counter()
+    elapsed = ended - started
 
-            async def worker() -> None:
-                for i in cursor:
-                    await one(i, real.perf_counter())
-
-            for _ in range(concurrency):
-                tg.start_soon(worker)
-    elapsed = real.perf_counter() - started
-
-    requests = [
-        RequestTiming(
+    requests = []
+    for i in range(n):
+        spec = specs[i % k]
+        breakdown: dict[str, float] | None = None
+        upstreams: dict[str, float] = {}
+        segments: tuple[tuple[str, float, float], ...] = ()
+        ledger = ledgers[i]
+        if ledger is not None:
+            finished = issued_at[i] + latencies[i] / 1000.0
+            breakdown, upstreams, segments = audit.settle(ledger, finished, started)
+        requests.append(RequestTiming(
             i=i,
-            method=specs[i % k].method,
-            path=specs[i % k].path,
+            method=spec.method,
+            path=spec.path,
             status=status_of[i],
             start_ms=(issued_at[i] - started) * 1000.0,
             latency_ms=latencies[i],
             ttfb_ms=ttfb[i],
-        )
-        for i in range(n)
-    ]
+            breakdown=breakdown,
+            upstreams=upstreams,
+            segments=segments,
+        ))
+    timeline = recorder.counters(ledgers, ended)
+    timeline["marks"] = recorder.marks(ended)
     labels = tuple(dict.fromkeys(s.label for s in specs))
     mixed = len(labels) > 1
     return BurstResult(
@@ -146,5 +158,24 @@ async def run(
         specs=labels,
         app_exception=min(crashed, key=lambda e: e.index) if crashed else None,
         requests=requests,
+        timeline=timeline,
         t0=started,
     )
+
+
+async def _fire(one: Any, n: int, concurrency: int | None, started: float) -> None:
+    async with anyio.create_task_group() as tg:
+        if concurrency is None or concurrency >= n:
+            # All issued at once: each latency runs from the burst's start, so requests that
+            # queued behind a blocked loop are charged for the wait.
+            for i in range(n):
+                tg.start_soon(one, i, started)
+        else:
+            cursor = iter(range(n))
+
+            async def worker() -> None:
+                for i in cursor:
+                    await one(i, real.perf_counter())
+
+            for _ in range(concurrency):
+                tg.start_soon(worker)
