@@ -79,6 +79,8 @@ _ledger: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar(
     "stallguard_ledger", default=None
 )
 _recorder: Recorder | None = None  # the burst being audited (one at a time)
+# Audit every burst (on by default; bench/audit.py turns it off to measure its cost).
+enabled = True
 
 
 def span(kind: str, start: float, end: float) -> None:

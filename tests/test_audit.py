@@ -185,3 +185,25 @@ def test_overlapping_spans_go_to_the_highest_rank() -> None:
     assert [(r, s, e) for r, s, e in segments] == [
         (0, 0.0, 1.0), (2, 1.0, 3.0), (5, 3.0, 5.0), (audit.OTHER, 5.0, 6.0)
     ]
+
+
+# -- the reports -------------------------------------------------------------------------------
+
+HOLD_TEST = """
+async def test_hold(stall_client):
+    await stall_client.burst("GET", "/hold", n=5)
+"""
+
+
+def test_terminal_report_says_where_the_time_went(shop: pytest.Pytester) -> None:
+    shop.makepyfile(test_hold=HOLD_TEST)
+    result = shop.runpytest("-p", "no:asyncio", "--stall-report")
+    result.assert_outcomes(failed=1)  # five loop stalls
+    result.stdout.fnmatch_lines([
+        "  burst GET /hold n=5:*",
+        "    time went to: loop wait *%, loop *% (of * ms in 5 requests)",
+        "    slow #* GET /hold -> 200 in * ms: loop wait *, loop *; meanwhile loop-stall x* at "
+        "myapp.py:* (hold)",
+    ])
+    # Short: three slowest requests, not five.
+    assert len([line for line in result.outlines if line.startswith("    slow #")]) == 3
