@@ -106,6 +106,9 @@ class CanaryResult:
     baseline_ms: tuple[float, ...]
     latencies_ms: tuple[float, ...]
     floor_ms: float
+    # real.perf_counter() each probe was scheduled at, in the order of latencies_ms (not
+    # in the JSON; a burst's timeline places its probes with it)
+    scheduled_s: tuple[float, ...] = ()
 
     @property
     def baseline_p95_ms(self) -> float:

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
 import time
+import zlib
+from html import escape
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -207,3 +218,278 @@ def test_terminal_report_says_where_the_time_went(shop: pytest.Pytester) -> None
     ])
     # Short: three slowest requests, not five.
     assert len([line for line in result.outlines if line.startswith("    slow #")]) == 3
+
+
+# -- the shop example: every burst adds up, and the stories show ------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# Added beside the example tests (same fixtures: the fixed and the broken shop).
+STORIES = '''
+"""Where the shop's time goes under load (read back by tests/test_audit.py)."""
+
+import time
+
+import pytest
+import sqlalchemy  # noqa: F401  (the pool watch hooks SQLAlchemy only if imported before a test)
+from test_login import CREDENTIALS
+
+# The numbers are the point here, not the verdict: no test fails on a finding (the broken
+# shop's tests end in 1 / 0, its expected failure in conftest terms).
+pytestmark = pytest.mark.concurrency(traps="off", stall_threshold_ms=60_000,
+                                     pool_wait_ms=60_000, max_canary_slowdown=1e9,
+                                     leak_check=False, allow=["shop.broken.*"])
+
+
+@pytest.mark.broken_fails_with(raises=ZeroDivisionError)
+async def test_story_dashboard(stall_client, stall_app, shrink_pools):
+    # Two connections for twenty requests: the broken dashboard holds one across its
+    # 200 ms stats call, the fixed one gives it back after its query.
+    shrink_pools.sqlalchemy(stall_app.state.db, size=2, overflow=0, timeout=30)
+    result = await stall_client.burst("GET", "/dashboard", n=20, canary="/health")
+    assert result.statuses[200] == 20
+    if stall_app.title == "shop (broken)":
+        1 / 0  # the broken shop's expected failure (see conftest), not a finding
+
+
+@pytest.mark.broken_fails_with(raises=ZeroDivisionError)
+async def test_story_login(stall_client, stall_app):
+    result = await stall_client.burst("POST", "/login", n=10, json=CREDENTIALS,
+                                      canary="/health")
+    assert result.statuses[200] == 10
+    if stall_app.title == "shop (broken)":
+        1 / 0
+
+
+@pytest.mark.broken_fails_with(raises=ZeroDivisionError)
+async def test_story_report_threads(stall_client, stall_app, shrink_pools):
+    def report() -> dict[str, bool]:  # a `def` endpoint: FastAPI runs it in a thread
+        time.sleep(0.05)
+        return {"ok": True}
+
+    stall_app.add_api_route("/report", report)
+    shrink_pools.threads(2)
+    result = await stall_client.burst("GET", "/report", n=10)
+    assert result.statuses[200] == 10
+    if stall_app.title == "shop (broken)":
+        1 / 0
+'''
+
+
+@pytest.fixture(scope="module")
+def shop_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The examples (and the stories above) run once under xdist, with every report."""
+    root = tmp_path_factory.mktemp("shop-examples")
+    shutil.copytree(EXAMPLES, root / "examples", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "examples" / "test_stories.py").write_text(STORIES)
+    (root / "pytest.ini").write_text(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    out = {"json": root / "r.json", "html": root / "r.html", "trace": root / "r.trace.json"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "-q",
+         "-n", "2", "examples", "--stall-report",
+         f"--stall-report-json={out['json']}", f"--stall-report-html={out['html']}",
+         f"--stall-trace={out['trace']}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert out["json"].exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"stdout": proc.stdout, "json": load_json(out["json"]),
+            "html": out["html"].read_text(), "trace": load_json(out["trace"]),
+            "html_path": out["html"]}
+
+
+def _bursts_of(report: dict[str, Any], name: str, variant: str) -> dict[str, Any]:
+    for test in report["tests"]:
+        if f"::{name}[{variant}-" in test["nodeid"]:
+            (burst,) = test["bursts"]
+            return burst  # type: ignore[no-any-return]
+    raise AssertionError(f"{name}[{variant}] not in the report")
+
+
+def _share(burst: dict[str, Any], key: str) -> float:
+    total = burst["breakdown"]
+    return float(total[key] / sum(total.values()))
+
+
+def test_every_request_of_every_example_burst_adds_up(shop_run: dict[str, Any]) -> None:
+    bursts = [b for t in shop_run["json"]["tests"] for b in t["bursts"]]
+    assert len(bursts) >= 20  # both shops, every example with a burst, the stories
+    for one in bursts:
+        assert one["breakdown"] is not None
+        for r in one["requests"]:
+            parts = r["breakdown"]
+            assert set(parts) == set(BREAKDOWN_KEYS) and min(parts.values()) >= 0
+            assert abs(sum(parts.values()) - r["latency_ms"]) <= max(
+                0.02 * r["latency_ms"], 0.01), (one["path"], r)
+
+
+def test_the_broken_dashboard_waited_for_a_pool_slot(shop_run: dict[str, Any]) -> None:
+    broken = _bursts_of(shop_run["json"], "test_story_dashboard", "broken")
+    fixed = _bursts_of(shop_run["json"], "test_story_dashboard", "fixed")
+    # Broken: most of the time went to waiting for one of the two connections, held by
+    # others across their stats call; fixed: hardly any.
+    assert _share(broken, "pool_wait_ms") > 0.5
+    assert _share(fixed, "pool_wait_ms") < _share(broken, "pool_wait_ms") / 3
+    assert max(broken["breakdown"], key=broken["breakdown"].get) == "pool_wait_ms"
+    # Those holders were awaiting the stats service with a connection in hand.
+    in_use = broken["timeline"]["in_use"]["db connections in use"]
+    assert max(level for _, level in in_use) == 2
+    assert all(r["upstreams"] for r in broken["requests"])
+
+
+def test_the_broken_login_waited_for_the_loop(shop_run: dict[str, Any]) -> None:
+    broken = _bursts_of(shop_run["json"], "test_story_login", "broken")
+    fixed = _bursts_of(shop_run["json"], "test_story_login", "fixed")
+    assert max(broken["breakdown"], key=broken["breakdown"].get) == "loop_wait_ms"
+    assert _share(broken, "loop_wait_ms") > 0.5
+    assert _share(fixed, "loop_wait_ms") < _share(broken, "loop_wait_ms") / 3
+
+
+def test_a_def_endpoint_on_two_threads_waited_for_threads(shop_run: dict[str, Any]) -> None:
+    for variant in ("fixed", "broken"):
+        burst = _bursts_of(shop_run["json"], "test_story_report_threads", variant)
+        assert max(burst["breakdown"], key=burst["breakdown"].get) == "thread_wait_ms"
+        assert burst["timeline"]["in_use"]["threads in use"]
+        assert max(level for _, level in burst["timeline"]["in_use"]["threads in use"]) == 2
+
+
+def test_the_terminal_report_names_the_pool_wait(shop_run: dict[str, Any]) -> None:
+    lines = shop_run["stdout"].splitlines()
+    at = next(i for i, line in enumerate(lines)
+              if "test_story_dashboard[broken-" in line and line.endswith("]"))
+    block = "\n".join(lines[at:at + 8])
+    assert "    time went to: pool wait" in block
+
+
+CANARY_HOLD_TEST = """
+async def test_hold(stall_client):
+    await stall_client.burst("GET", "/hold", n=5, canary="/health")
+"""
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _html_report(shop: pytest.Pytester) -> Path:
+    shop.makepyfile(test_hold=CANARY_HOLD_TEST)
+    out = shop.path / "report.html"
+    shop.runpytest("-p", "no:asyncio", f"--stall-report-html={out}").assert_outcomes(failed=1)
+    return out
+
+
+def test_html_report_draws_a_timeline_per_burst(shop: pytest.Pytester) -> None:
+    html = _html_report(shop).read_text()
+    # Self-contained: no script, nothing fetched.
+    assert "<script" not in html and "https://" not in html and "http://" not in html
+    assert html.count('<svg width=') == 1
+    # Five request bars, each split into segments; the canary; the loop stalls marked.
+    assert html.count('<g class="request">') == 5
+    assert 'class="seg loop_wait_ms"' in html and 'class="seg loop_ms"' in html
+    assert '<polyline class="canary"' in html
+    assert html.count('class="mark loop-stall"') == 5
+    assert "myapp.py:" in html  # the findings' locations
+    assert "time went to: loop wait" in html
+
+
+def _png_pixels(data: bytes) -> set[tuple[int, ...]]:
+    """The distinct colours of an 8-bit RGB(A) PNG (what chromium writes), no Pillow."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, width, height, channels = 8, b"", 0, 0, 0
+    while pos < len(data):
+        length = struct.unpack(">I", data[pos:pos + 4])[0]
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
+            assert depth == 8 and colour in (2, 6)
+            channels = 3 if colour == 2 else 4
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    raw = zlib.decompress(idat)
+    stride = width * channels
+    previous = bytearray(stride)
+    colours: set[tuple[int, ...]] = set()
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up = previous[i]
+            corner = previous[i - channels] if i >= channels else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 255
+            elif kind == 2:
+                line[i] = (line[i] + up) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc
+                                      else corner)) & 255
+        previous = line
+        colours.update(tuple(line[i:i + 3]) for i in range(0, stride, channels * 4))
+    return colours
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium here (Debian: apt-get install chromium)")
+def test_html_report_renders_in_headless_chromium(shop: pytest.Pytester) -> None:
+    page = _html_report(shop).as_uri()
+    assert BROWSER is not None
+    common = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True,
+                         timeout=120).stdout
+    # The browser parsed the SVG: its elements are in the DOM it built.
+    assert dom.count("<svg") == 1 and dom.count('<g class="request">') == 5
+    assert '<polyline class="canary"' in dom
+    shot = shop.path / "shot.png"
+    subprocess.run([*common, "--window-size=1100,900", f"--screenshot={shot}", page],
+                   capture_output=True, timeout=120)
+    colours = _png_pixels(shot.read_bytes())
+    # Not blank: the bars were painted in the breakdown's colours.
+    assert len(colours) > 10
+    assert (0xd6, 0x27, 0x28) in colours  # loop
+    assert (0xff, 0x98, 0x96) in colours  # loop wait
+
+
+def test_the_trace_is_chrome_trace_events_merged_from_every_worker(
+    shop_run: dict[str, Any],
+) -> None:
+    trace, report = shop_run["trace"], shop_run["json"]
+    events = trace["traceEvents"]
+    assert trace["displayTimeUnit"] == "ms"
+    assert {e["ph"] for e in events} == {"M", "X", "C", "i"}
+    bursts = [b for t in report["tests"] for b in t["bursts"] if b["requests"]]
+    names = [e["args"]["name"] for e in events if e["name"] == "process_name"]
+    assert len(names) == len(bursts)  # one process per burst, from both xdist workers
+    tracks: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for e in events:
+        assert isinstance(e["pid"], int) and isinstance(e["name"], str)
+        if e["ph"] == "X":
+            assert e["ts"] >= 0 and e["dur"] >= 0
+            tracks.setdefault((e["pid"], e["tid"]), []).append(e)
+    assert len(tracks) == sum(len(b["requests"]) for b in bursts)  # a track per request
+    for xs in tracks.values():
+        (whole,) = [e for e in xs if e["cat"] == "request"]
+        parts = sorted((e for e in xs if e["cat"] != "request"), key=lambda e: e["ts"])
+        assert parts and {e["cat"] for e in parts} <= set(BREAKDOWN_KEYS)
+        end = whole["ts"] + whole["dur"]
+        for before, after in itertools.pairwise(parts):
+            assert before["ts"] + before["dur"] <= after["ts"] + 0.2  # no overlap: they nest
+        assert parts[0]["ts"] >= whole["ts"] - 0.2 and parts[-1]["ts"] + parts[-1]["dur"] <= end + 0.2
+    counters = {e["name"] for e in events if e["ph"] == "C"}
+    assert {"loop lag (ms)", "threads in use", "db connections in use",
+            "canary latency (ms)"} <= counters
+    stalls = [e for e in events if e["ph"] == "i" and e["name"] == "loop-stall"]
+    assert all("file:line" in e["args"] for e in events if e["ph"] == "i")
+    # The broken login's hashing, where it stalled the loop.
+    assert any(re.fullmatch(r"examples/shop/security\.py:\d+", e["args"]["file:line"])
+               for e in stalls)
+
+
+def test_the_html_report_is_merged_from_every_worker(shop_run: dict[str, Any]) -> None:
+    html = shop_run["html"]
+    for test in shop_run["json"]["tests"]:
+        assert escape(test["nodeid"]) in html
+    assert html.count("<svg width=") == sum(
+        1 for t in shop_run["json"]["tests"] for b in t["bursts"] if b["requests"])
