@@ -26,7 +26,7 @@ from pytest_stallguard.driver import build_spec
 from pytest_stallguard.model import BREAKDOWN_KEYS, BurstResult
 from pytest_stallguard.run import GuardRun
 
-from .conftest import load_json
+from .conftest import BACKENDS, load_json
 
 pytestmark = pytest.mark.anyio
 
@@ -152,8 +152,8 @@ def _adds_up(result: BurstResult) -> None:
         assert r.segments[-1][2] == pytest.approx(r.start_ms + r.latency_ms, abs=0.01)
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_a_request_queued_behind_the_loop_waits_for_it(anyio_backend: str) -> None:
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_a_request_queued_behind_the_loop_waits_for_it(anyio_backend: Any) -> None:
     (hold,) = await _bursts(busy_app(), [("/hold", 5)])
     _adds_up(hold)
     last = max(hold.requests, key=lambda r: r.latency_ms)
