@@ -59,7 +59,7 @@ _KEY_OF = {
     OTHER: "other_ms",
 }
 MAX_MARKS = 5000  # findings recorded during one burst kept for its timeline
-LAG_MIN_S = 0.0002  # loop lag below this is not kept for the counter
+LAG_MIN_S = 0.0002  # loop lag below this is not drawn in the counter
 
 
 class Ledger:
@@ -123,8 +123,10 @@ def end(ledger: Ledger, token: contextvars.Token[Ledger | None]) -> None:
     rec = _recorder
     if rec is not None:
         rec.closing.append((ledger, real.perf_counter()))
-    with contextlib.suppress(ValueError):  # set in another context: nothing to undo here
+    try:
         _ledger.reset(token)
+    except ValueError:  # set in another context: nothing to undo here
+        return
 
 
 # -- the loop step hook -------------------------------------------------------------------
@@ -144,19 +146,27 @@ def observe(start: float, end: float, ctx: contextvars.Context | None, owner: An
 
 def _observe(rec: Recorder, start: float, end: float, ctx: contextvars.Context | None,
              owner: Any) -> None:
+    # The hot path: every loop step while a burst runs (kept flat on purpose).
     ready = rec.sched.pop(id(owner), None)
-    if ready is not None and start - ready > LAG_MIN_S:
-        slot = int(start * 1000.0)
-        lag = start - ready
-        if lag > rec.lag.get(slot, 0.0):
-            rec.lag[slot] = lag
     if rec.closing:  # requests that ended inside this step: their part of it
         closing, rec.closing = rec.closing, []
         for done, at in closing:
             _step(done, ready, start, at)
-    ledger = ctx.get(_ledger) if ctx is not None else None
-    if ledger is not None:
-        _step(ledger, ready, start, end)
+    if ctx is None:
+        return
+    ledger = ctx.get(_ledger)
+    if ledger is None:
+        return
+    ledger.steps += 1
+    spans = ledger.spans
+    if ready is not None:
+        if ready < ledger.last_end:
+            ready = ledger.last_end
+        if start > ready:
+            spans.append((1, ready, start))  # loop_wait
+    spans.append((0, start, end))  # loop
+    if end > ledger.last_end:
+        ledger.last_end = end
 
 
 def _step(ledger: Ledger, ready: float | None, start: float, end: float) -> None:
@@ -181,7 +191,6 @@ class Recorder:
     def __init__(self) -> None:
         self.patches = patching.Patches(OWNER)
         self.sched: dict[int, float] = {}  # id(callback or trio task) -> when scheduled
-        self.lag: dict[int, float] = {}  # ms slot -> largest loop lag (s) of a step then
         self.in_use: list[tuple[float, str, int]] = []  # (time, counter, +1/-1)
         self.cursors: dict[int, float] = {}  # id(cursor) -> query start
         self.closing: list[tuple[Ledger, float]] = []  # requests over in the running step
@@ -215,6 +224,7 @@ class Recorder:
     def _hook_loop(self) -> None:
         loop = asyncio.events._get_running_loop()
         sched = self.sched
+        now = real.perf_counter
         if loop is None:
             self._hook_trio()
             return
@@ -230,14 +240,14 @@ class Recorder:
 
                     def _call_soon(callback: Any, args: Any, context: Any) -> Any:
                         handle = link.next(callback, args, context)
-                        sched[id(callback)] = real.perf_counter()
+                        sched[id(callback)] = now()
                         return handle
 
                     return _call_soon
 
                 def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
                     handle = link.next(callback, *args, context=context)
-                    sched[id(callback)] = real.perf_counter()
+                    sched[id(callback)] = now()
                     return handle
 
                 return call_soon
@@ -335,11 +345,16 @@ class Recorder:
         """Step counters on the burst's time axis: ``[[t_ms, value], ...]`` per name."""
         t0 = self.t0
         changes = list(self.in_use)
+        lags: dict[int, float] = {}  # ms slot -> the longest a request's step waited then
         for ledger in ledgers:
             if ledger is None:
                 continue
             for rank, s, e in ledger.spans:
-                if rank == 2:  # thread
+                if rank == 1:  # loop_wait: ready at s, ran at e
+                    slot = int((e - t0) * 1000.0)
+                    if e - s > lags.get(slot, 0.0):
+                        lags[slot] = e - s
+                elif rank == 2:  # thread
                     changes.append((s, "threads in use", 1))
                     changes.append((e, "threads in use", -1))
         changes.sort(key=lambda c: c[0])
@@ -352,11 +367,8 @@ class Recorder:
                 continue
             level[name] = max(0, level.get(name, 0) + delta)
             series.setdefault(name, []).append([round((at - t0) * 1000.0, 3), level[name]])
-        lag = [
-            [round(slot - t0 * 1000.0, 3), round(v * 1000.0, 3)]
-            for slot, v in sorted(self.lag.items())
-            if t0 * 1000.0 <= slot <= end * 1000.0
-        ]
+        lag = [[float(slot), round(v * 1000.0, 3)] for slot, v in sorted(lags.items())
+               if v >= LAG_MIN_S]
         return {"loop_lag_ms": lag, "in_use": series}
 
 
@@ -372,6 +384,10 @@ def _safe(fn: Callable[..., None], what: str) -> Callable[..., None]:
     return listener
 
 
+def _start(span: tuple[int, float, float]) -> float:
+    return span[1]
+
+
 def partition(spans: list[tuple[int, float, float]], lo: float, hi: float
               ) -> tuple[list[float], list[tuple[int, float, float]]]:
     """Split ``lo``..``hi`` among ``spans`` by rank (see the module docstring).
@@ -380,6 +396,37 @@ def partition(spans: list[tuple[int, float, float]], lo: float, hi: float
     time order, gaps included as OTHER; adjacent segments of one rank are merged.
     """
     totals = [0.0] * (OTHER + 1)
+    segments: list[tuple[int, float, float]] = []
+    # Fast path, the common case: the spans in time order do not overlap.
+    at = lo
+    for rank, s, e in sorted(spans, key=_start):
+        if s < lo:
+            s = lo
+        if e > hi:
+            e = hi
+        if e <= s:
+            continue
+        if s < at:
+            break  # overlapping spans: the sweep below
+        if s > at:
+            totals[OTHER] += s - at
+            segments.append((OTHER, at, s))
+        totals[rank] += e - s
+        if segments and segments[-1][0] == rank and segments[-1][2] == s:
+            segments[-1] = (rank, segments[-1][1], e)
+        else:
+            segments.append((rank, s, e))
+        at = e
+    else:
+        if hi > at:
+            totals[OTHER] += hi - at
+            if segments and segments[-1][0] == OTHER:
+                segments[-1] = (OTHER, segments[-1][1], hi)
+            else:
+                segments.append((OTHER, at, hi))
+        return totals, segments
+    totals = [0.0] * (OTHER + 1)
+    segments = []
     events: list[tuple[float, int, int]] = []
     for rank, s, e in spans:
         if s < lo:
@@ -389,7 +436,6 @@ def partition(spans: list[tuple[int, float, float]], lo: float, hi: float
         if e > s:
             events.append((s, 1, rank))
             events.append((e, -1, rank))
-    segments: list[tuple[int, float, float]] = []
     if not events:
         if hi > lo:
             totals[OTHER] = hi - lo
@@ -425,12 +471,19 @@ def settle(ledger: Ledger, finished: float, t0: float
            ) -> tuple[dict[str, float] | None, dict[str, float], tuple[tuple[str, float, float],
                                                                       ...]]:
     """(breakdown in ms, upstreams in ms, segments in ms from ``t0``) of one request."""
-    ups = {h: s * 1000.0 for h, s in (ledger.upstreams or {}).items()}
+    ups = {h: s * 1000.0 for h, s in ledger.upstreams.items()} if ledger.upstreams else {}
     if not ledger.steps:  # no loop step seen: the loop watch is not attached (no guard)
         return None, ups, ()
-    totals, segments = partition(ledger.spans, ledger.issued, finished)
-    breakdown = {_KEY_OF[rank]: totals[rank] * 1000.0 for rank in range(OTHER + 1)}
-    segs = tuple(
-        (_KEY_OF[rank], (s - t0) * 1000.0, (e - t0) * 1000.0) for rank, s, e in segments
-    )
-    return {k: breakdown[k] for k in KEYS}, ups, segs
+    t, segments = partition(ledger.spans, ledger.issued, finished)
+    breakdown = {  # in the order of BREAKDOWN_KEYS
+        "loop_ms": t[0] * 1000.0,
+        "loop_wait_ms": t[1] * 1000.0,
+        "thread_wait_ms": t[3] * 1000.0,
+        "thread_ms": t[2] * 1000.0,
+        "pool_wait_ms": t[4] * 1000.0,
+        "io_ms": t[5] * 1000.0,
+        "other_ms": t[6] * 1000.0,
+    }
+    key = _KEY_OF
+    segs = tuple([(key[rank], (s - t0) * 1000.0, (e - t0) * 1000.0) for rank, s, e in segments])
+    return breakdown, ups, segs
