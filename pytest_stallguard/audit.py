@@ -14,12 +14,17 @@ tasks it starts and the worker threads it hands work to inherit it. The sources 
   (``pool_wait``), an outbound httpx call (``io``, and its host in ``upstreams``);
 * SQLAlchemy's cursor events: a query with the connection in hand (``io``).
 
-:meth:`Recorder.settle` then *partitions* each request's time, from its issue to its last
+:func:`settle` then *partitions* each request's time, from its issue to its last
 body byte: every instant goes to the highest-ranked span that covers it (loop, loop_wait,
 thread, thread_wait, pool_wait, io, in that order: a request whose own code runs while
 its query is in flight is running, not waiting), and whatever no span covers is
 ``other_ms`` (sleeps, locks, queues, the framework). The parts therefore sum to the latency
-exactly and none is negative; spans outside the request's own interval are clipped to it.
+exactly and none is negative (``other_ms`` is what is left, so it cannot go below zero);
+spans outside the request's own interval are clipped to it.
+
+What ``loop_wait`` does not see: a timer that fired late (its wait counts as ``other``) and
+a socket the selector found ready before its reader callback ran (counted as ``io``); the
+task wake-ups that follow are seen.
 
 Nothing here raises into the app: the hooks run inside ``try`` and a failure notes itself
 (:func:`patching.hook_failed`) and turns the audit off for the rest of the burst.
