@@ -88,6 +88,12 @@ _recorder: Recorder | None = None  # the burst being audited (one at a time)
 enabled = True
 
 
+def wanted() -> bool:
+    """Whether a burst starting now is audited: on, and a guard armed (whose loop watch
+    times the steps; without one there is nothing to split the time with)."""
+    return enabled and guard_mod.active() is not None
+
+
 def span(kind: str, start: float, end: float) -> None:
     """Note that the request running this code spent ``start``..``end`` on ``kind``
     (a name of :data:`KINDS`). Cheap, and a no-op outside an audited burst."""
@@ -210,11 +216,14 @@ class Recorder:
         self._marks_from = len(g.events) if g is not None else 0
         try:
             self._hook_loop()
-            if "sqlalchemy" in sys.modules:
-                self._hook_sqlalchemy()
-        except Exception as exc:
+        except Exception as exc:  # loop_wait goes unseen (counted as other), the rest is kept
             self.patches.restore()
             patching.hook_failed(OWNER, "asyncio", "the scheduling of loop steps", exc)
+        if "sqlalchemy" in sys.modules:
+            try:
+                self._hook_sqlalchemy()
+            except Exception as exc:
+                patching.hook_failed(OWNER, "sqlalchemy", "cursor and pool events", exc)
         _recorder = self
         steps.step_observer = observe
         return self

@@ -113,7 +113,7 @@ async def run(
         statuses[reply.status] += 1
         status_of[i] = reply.status
 
-    recorder = audit.Recorder().start() if audit.enabled else None
+    recorder = audit.Recorder().start() if audit.wanted() else None
     started = real.perf_counter()
     if recorder is not None:
         recorder.t0 = started

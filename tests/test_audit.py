@@ -19,7 +19,7 @@ import anyio
 import pytest
 from fastapi import FastAPI
 
-from pytest_stallguard import audit, burst
+from pytest_stallguard import audit, burst, patching
 from pytest_stallguard.client import running
 from pytest_stallguard.config import Settings
 from pytest_stallguard.driver import build_spec
@@ -493,3 +493,19 @@ def test_the_html_report_is_merged_from_every_worker(shop_run: dict[str, Any]) -
         assert escape(test["nodeid"]) in html
     assert html.count("<svg width=") == sum(
         1 for t in shop_run["json"]["tests"] for b in t["bursts"] if b["requests"])
+
+
+async def test_a_failing_audit_never_reaches_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(patching, "_warned", set())
+    patching.take_warnings()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bookkeeping broken on purpose")
+
+    monkeypatch.setattr(audit, "_observe", broken)
+    (hold,) = await _bursts(busy_app(), [("/hold", 3)])
+    assert hold.statuses == {200: 3} and not hold.errors
+    notes = patching.take_warnings()
+    assert len(notes) == 1 and "request audit" in notes[0] and "bookkeeping broken" in notes[0]
+    # The audit stopped at once: no loop step was counted for any request.
+    assert all(r.breakdown is None for r in hold.requests)
