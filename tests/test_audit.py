@@ -232,7 +232,7 @@ import dataclasses
 import time
 
 import pytest
-import sqlalchemy  # noqa: F401  (the pool watch hooks SQLAlchemy only if imported before a test)
+import sqlalchemy  # noqa: F401  (imported at collection: watched from the first test on)
 from test_login import CREDENTIALS
 
 # The numbers are the point here, not the verdict: no test fails on a finding (the broken
