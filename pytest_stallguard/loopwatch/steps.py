@@ -115,9 +115,18 @@ def _begin(st: LoopState, ctx: contextvars.Context | None) -> float:
     return start
 
 
+# -- per-step observer (request audit, issue 10): called at the end of every timed step
+# with (start, end, ctx, owner); owner is the callback run (asyncio, uvloop) or the trio
+# task. Set by audit.Recorder while a burst is audited, None otherwise. Its failures are
+# ours: they turn this loop's watch off like any other bookkeeping failure.
+step_observer: Callable[[float, float, contextvars.Context | None, Any], None] | None = None
+
+
 def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: Any) -> None:
     end = st.end = real.perf_counter()
     st.start = 0.0
+    if step_observer is not None:
+        step_observer(start, end, ctx, owner)
     if st.active and end - start > st.watch._threshold_s:
         st.watch._judge(st, start, end, ctx, owner)
 

@@ -24,7 +24,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from .. import patching
+from .. import audit, patching
 from ..clock import real
 from ..location import Location
 from ..model import DOCS
@@ -136,9 +136,10 @@ def _add_wait(started: float) -> None:
 class _Sent:
     """One request through a watched transport."""
 
-    __slots__ = ("frame", "record", "request", "stats", "token")
+    __slots__ = ("frame", "record", "request", "started", "stats", "token")
 
     def __init__(self, stats: Stats, request: Any, frame: FrameType) -> None:
+        self.started = real.perf_counter()
         self.stats = stats
         self.request = request
         self.frame = frame
@@ -319,6 +320,8 @@ class HttpxWatch:
     def _leave(self, sent: _Sent) -> None:
         core, stats, request = self.core, sent.stats, sent.request
         wait_ms = sent.record.wait_s * 1000.0
+        # The request's audit (issue 10): the call's pool wait, its io, its host.
+        audit.http_call(request.url.host, sent.started, real.perf_counter(), sent.record.wait_s)
         with core.lock:
             stats.in_use -= 1
             stats.waits_ms.append(wait_ms)
