@@ -102,8 +102,14 @@ HELD_MIN_S = 0.0005  # a watchdog turn shorter than this is not worth logging
 
 
 def held_s(st: LoopState, start: float, end: float) -> float:
-    """Time between start and end the watchdog held the GIL (its long turns)."""
-    return overlap(list(st.held), start, end)
+    """Time between start and end the watchdog held the GIL: its long turns, and the turn
+    still open (counted up to ``end``: the waits it bounds are capped by the time off the
+    CPU, so a turn that in fact gave the GIL up earlier takes nothing of the app's work)."""
+    turns = list(st.held)
+    since = st.watch.turn_since
+    if since:
+        turns.append((since, end))
+    return overlap(turns, start, end)
 
 
 # -- preemption ------------------------------------------------------------------------------

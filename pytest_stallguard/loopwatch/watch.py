@@ -67,6 +67,7 @@ class LoopWatch:
         self.gc_pauses = 0  # steps over the threshold only because of garbage collection
         self.gc_pause_max_ms = 0.0
         self.preempted = 0  # steps over the threshold only because the OS preempted the loop
+        self.turn_since = 0.0  # the watchdog's turn with the GIL that is not logged yet
         self.stalls = 0  # loop-stall findings recorded (before folding)
         self._mine: dict[Any, LoopState] = {}  # loop or trio runner -> state
         self._failed: set[Any] = set()  # loops/runs attach() could not hook

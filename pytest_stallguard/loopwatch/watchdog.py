@@ -103,12 +103,15 @@ def take_samples(st: LoopState, seq: int) -> Samples | None:
     return samples
 
 
-def _log_turn(states: list[LoopState], start: float, end: float) -> None:
+def _log_turn(watch: LoopWatch, states: list[LoopState], start: float, end: float) -> None:
     """The watchdog held the GIL from ``start`` to ``end``: when that was long (it was
-    preempted holding it), no loop could run meanwhile; their steps are not blamed for it."""
+    preempted holding it), no loop could run meanwhile; their steps are not blamed for it.
+    Until it is logged the turn is open (``watch.turn_since``): a loop thread that gets
+    the GIL back before the log (a forced switch) sees it as running up to its own end."""
     if end - start > discount.HELD_MIN_S:
         for st in states:
             st.held.append((start, end))
+    watch.turn_since = 0.0
 
 
 class Watchdog:
@@ -154,7 +157,7 @@ class Watchdog:
             asked = real.perf_counter()
             cpu0 = _cpu.process_time()
             real.sleep(interval)
-            now = real.perf_counter()
+            now = watch.turn_since = real.perf_counter()
             states = list(watch._mine.values())
             # Sample first, with the GIL just taken: anything that releases it (reading
             # /proc) lets the loop thread finish the step, and the request, unsampled.
@@ -173,7 +176,7 @@ class Watchdog:
                 if cpu >= 0.8 * (now - asked):
                     self._gil_check(starved)
             released = real.perf_counter()
-            _log_turn(states, now, released)
+            _log_turn(watch, states, now, released)
             for st in states:
                 if st.rq_fd == -2:
                     st.rq_fd = discount.open_schedstat(st.native_id)  # releases the GIL
@@ -188,10 +191,10 @@ class Watchdog:
                     continue
                 # The GIL was released: a step (a C call) may have run meanwhile and we just
                 # got the GIL back at its end: sample again before it can end.
-                back = real.perf_counter()
+                back = watch.turn_since = real.perf_counter()
                 self._sample_due(states, back, back - released > sample_after, sampled)
                 released = real.perf_counter()
-                _log_turn(states, back, released)
+                _log_turn(watch, states, back, released)
 
     def _sample_due(
         self,
