@@ -22,6 +22,7 @@ from .. import patching
 from ..clock import real
 from .common import (
     CheckedOut,
+    Held,
     HookGuard,
     Stats,
     WatchCore,
@@ -39,6 +40,7 @@ LIBRARY = "sqlalchemy"
 CONNECT = "sqlalchemy Pool.connect"
 CREATE = "sqlalchemy Pool._create_connection"
 CHECKIN = "sqlalchemy checkin event"
+QUERY = "sqlalchemy cursor events"
 
 # Time spent opening new DBAPI connections inside the Pool.connect being measured.
 _opening: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
@@ -51,14 +53,15 @@ def _add_opening(opening: list[float], started: float) -> None:
 
 
 class _Connect:
-    __slots__ = ("frame", "opening", "started", "stats", "token")
+    __slots__ = ("frame", "opening", "started", "stats", "token", "wait")
 
-    def __init__(self, stats: Stats, frame: FrameType) -> None:
+    def __init__(self, stats: Stats, frame: FrameType, core: WatchCore) -> None:
         self.stats = stats
         self.frame = frame
         self.opening = [0.0]
         self.token = _opening.set(self.opening)
         self.started = real.perf_counter()
+        self.wait = core.wait_begin(stats, self.started)
 
     def forget(self) -> None:
         with contextlib.suppress(Exception):
@@ -74,6 +77,7 @@ class SqlalchemyWatch:
     def __init__(self, core: WatchCore) -> None:
         self.core = core
         self._out: dict[int, CheckedOut] = {}  # id(connection record) -> where
+        self._held: dict[int, Held] = {}  # id(connection record) -> its checkout
         self._events: list[tuple[Any, str, Callable[..., Any]]] = []
 
     def install(self) -> None:
@@ -126,6 +130,27 @@ class SqlalchemyWatch:
 
         event.listen(Pool, "checkin", on_checkin)
         self._events.append((Pool, "checkin", on_checkin))
+
+        # A query runs on a checked-out connection between these two events (for an async
+        # engine too: they fire in the greenlet around the awaited driver call).
+        def before_cursor_execute(conn: Any, *args: Any) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                hooks.safely(LIBRARY, QUERY, None, watch._query_began, conn)
+
+        def after_cursor_execute(conn: Any, *args: Any) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                hooks.safely(LIBRARY, QUERY, None, watch._query_ended, conn)
+
+        def handle_error(context: Any) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                conn = getattr(context, "connection", None)
+                hooks.safely(LIBRARY, QUERY, None, watch._query_ended, conn)
+
+        for name, fn in (("before_cursor_execute", before_cursor_execute),
+                         ("after_cursor_execute", after_cursor_execute),
+                         ("handle_error", handle_error)):
+            event.listen(Engine, name, fn)
+            self._events.append((Engine, name, fn))
         core.patches.undo("checkin listener", self._remove_events, target="sqlalchemy Pool")
         core.watch_init(Engine, LIBRARY, "SQLAlchemy engine")
 
@@ -150,10 +175,12 @@ class SqlalchemyWatch:
         overflow = getattr(pool, "_max_overflow", 0)
         if callable(size):
             stats.size = int(size()) + max(int(overflow), 0)
-        return _Connect(stats, frame)
+        return _Connect(stats, frame, self.core)
 
     def _failed(self, began: _Connect, exc: BaseException) -> None:
         from sqlalchemy import exc as sa_exc
+
+        self.core.wait_end(began.stats, began.wait)
 
         if not isinstance(exc, sa_exc.TimeoutError):
             return
@@ -166,9 +193,14 @@ class SqlalchemyWatch:
     def _connected(self, pool: Any, began: _Connect, fairy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
+        core.wait_end(stats, began.wait)
         info = request_info()
         record = getattr(fairy, "_connection_record", None)
         location = caller_location(began.frame) if record is not None else None
+        if record is not None and location is not None:
+            held = core.checkout(stats, info, location)
+            with core.lock:
+                self._held[id(record)] = held
         with core.lock:
             stats.waits_ms.append(wait_ms)
             checked = getattr(pool, "checkedout", None)
@@ -180,12 +212,32 @@ class SqlalchemyWatch:
                     pool=stats.name, request=None if info is None else info.request,
                     location=location, since=real.perf_counter(), by_request=armed_by(info),
                 )
-        if wait_ms > core.threshold_ms:
-            core.pool_wait(stats, wait_ms, began.frame, timed_out=False)
+        if wait_ms > core.slot_wait_ms:
+            core.pool_wait(stats, wait_ms, began.frame, timed_out=False,
+                           started=began.started)
 
     def _checked_in(self, record: Any) -> None:
         with self.core.lock:
             self._out.pop(id(record), None)
+            held = self._held.pop(id(record), None)
+        if held is not None:
+            self.core.checkin(held, sys._getframe(2))
+
+    def _held_by(self, conn: Any) -> Held | None:
+        """The checkout a SQLAlchemy ``Connection`` runs on (None when not watched)."""
+        fairy = getattr(conn, "_dbapi_connection", None)
+        record = getattr(fairy, "_connection_record", None)
+        return None if record is None else self._held.get(id(record))
+
+    def _query_began(self, conn: Any) -> None:
+        held = self._held_by(conn)
+        if held is not None:
+            self.core.work_begin(held, sys._getframe(2))
+
+    def _query_ended(self, conn: Any) -> None:
+        held = self._held_by(conn)
+        if held is not None:
+            self.core.work_end(held)
 
 
 # -- shrinking ----------------------------------------------------------------------------
