@@ -165,7 +165,7 @@ class AsyncpgWatch:
     def _acquired(self, pool: Any, began: _Acquire, proxy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
-        core.wait_end(stats, began.token)
+        preempted = core.wait_end(stats, began.token)
         info = request_info()
         holder = getattr(proxy, "_holder", None)
         location = caller_location(began.frame) if holder is not None else None
@@ -184,9 +184,7 @@ class AsyncpgWatch:
                     pool=stats.name, request=None if info is None else info.request,
                     location=location, since=real.perf_counter(), by_request=armed_by(info),
                 ))
-        if wait_ms > core.slot_wait_ms:
-            core.pool_wait(stats, wait_ms, began.frame, timed_out=False,
-                           started=began.started)
+        core.plain_wait(stats, wait_ms, preempted, began.frame, began.started)
 
     def _released(self, args: tuple[Any, ...], kwargs: dict[str, Any], frame: FrameType
                   ) -> None:

@@ -8,10 +8,12 @@ with the original's exact parameters (SQLAlchemy reads them off the code object)
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import itertools
+import os
 import sys
 import threading
 import types
@@ -120,8 +122,8 @@ class Held:
     totals are updated at check-in under the core's lock. ``work_begin``/``work_end`` nest.
     """
 
-    __slots__ = ("awaited", "depth", "idle_since", "info", "location", "since", "stats",
-                 "work_s", "work_since", "worst")
+    __slots__ = ("awaited", "depth", "idle_rq", "idle_since", "info", "location", "since",
+                 "stats", "work_s", "work_since", "worst")
 
     def __init__(self, stats: Stats, info: context.RequestInfo | None, location: Location,
                  now: float) -> None:
@@ -130,6 +132,7 @@ class Held:
         self.location = location
         self.since = now
         self.idle_since: float | None = now
+        self.idle_rq = -1  # the holder thread's run-queue time when the idle spell began
         self.work_since = 0.0
         self.depth = 0
         self.work_s = 0.0
@@ -357,6 +360,11 @@ class WatchCore:
         self._wait_set = wait_set
         self._held_by_info: dict[int, list[Held]] = {}  # id(request info) -> its checkouts
         self._wait_ids = itertools.count()
+        # Run-queue time (schedstat) per thread: fds by native thread id, and each wait's
+        # reading at its start, to tell the machine's share of a wait from the app's.
+        self._rq_fds: dict[int, int] = {}
+        self._wait_rq: dict[int, int] = {}
+        self._rq_off = sys.platform != "linux"
         self.patches = patching.Patches(self.owner)
         self.hooks = HookGuard(self.owner)
         self.lock = threading.Lock()
@@ -407,7 +415,7 @@ class WatchCore:
                  call=call)
 
     def pool_wait(self, stats: Stats, wait_ms: float, frame: FrameType, *, timed_out: bool,
-                  started: float | None = None) -> None:
+                  started: float | None = None, preempted_s: float = 0.0) -> None:
         """A wait for a SQLAlchemy / asyncpg slot over the bound, or a pool timeout. A
         plain wait behind a connection held idle is left to that holder's finding."""
         info = request_info()
@@ -417,8 +425,10 @@ class WatchCore:
             with self.lock:
                 if stats.behind_idle(started, real.perf_counter()):
                     return
+        machine = (f", {preempted_s * 1000:.0f} ms of it kept off the CPU by other processes"
+                   if preempted_s * 1000 >= 1 else "")
         what = (f"got a pool timeout after waiting {wait_ms:.0f} ms" if timed_out
-                else f"waited {wait_ms:.0f} ms {self.wait_bound()}")
+                else f"waited {wait_ms:.0f} ms{machine} {self.wait_bound()}")
         self.record(
             "pool-exhaustion",
             f"{info.request} {what} for a connection of {stats.name} (size {stats.size}, "
@@ -438,20 +448,75 @@ class WatchCore:
     def wait_begin(self, stats: Stats, started: float) -> int:
         """A request starts waiting for a slot of ``stats``'s pool; returns its token."""
         token = next(self._wait_ids)
+        run_queue = self._run_queue_ns()
         with self.lock:
             stats.waiting[token] = started
+            if run_queue >= 0:
+                self._wait_rq[token] = run_queue
         return token
 
-    def wait_end(self, stats: Stats, token: int) -> None:
+    def wait_end(self, stats: Stats, token: int) -> float:
+        """The wait of ``token`` is over; returns the seconds of it the waiting thread was
+        runnable but kept off the CPU by other processes (0.0 where unknown)."""
+        run_queue = self._run_queue_ns()
         with self.lock:
             started = stats.waiting.pop(token, None)
             if started is not None:
                 stats.wait_spans.append((started, real.perf_counter()))
+            before = self._wait_rq.pop(token, -1)
+        if before < 0 or run_queue < before:
+            return 0.0
+        return (run_queue - before) / 1e9
+
+    def plain_wait(self, stats: Stats, wait_ms: float, preempted_s: float, frame: FrameType,
+                   started: float) -> None:
+        """A wait that got its slot: a finding when, less the time the machine kept the
+        waiting thread (the loop, for async pools) off the CPU, it passed the bound."""
+        if wait_ms - preempted_s * 1000.0 > self.slot_wait_ms:
+            self.pool_wait(stats, wait_ms, frame, timed_out=False, started=started,
+                           preempted_s=preempted_s)
+
+    def _run_queue_ns(self) -> int:
+        """This thread's time runnable but not running so far (Linux schedstat), or -1.
+
+        The file is opened once per thread with O_NONBLOCK (the traps leave such opens
+        alone) and read with ``os.pread``, which they do not trap."""
+        if self._rq_off:
+            return -1
+        tid = threading.get_native_id()
+        fd = self._rq_fds.get(tid)
+        if fd is None:
+            try:
+                fd = os.open(f"/proc/self/task/{tid}/schedstat",
+                             os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            except OSError:
+                self._rq_off = True
+                return -1
+            with self.lock:
+                if tid in self._rq_fds:  # pragma: no cover - one thread opens its own
+                    os.close(fd)
+                    fd = self._rq_fds[tid]
+                else:
+                    self._rq_fds[tid] = fd
+        try:
+            return int(os.pread(fd, 128, 0).split()[1])
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def close_run_queues(self) -> None:
+        with self.lock:
+            fds = list(self._rq_fds.values())
+            self._rq_fds.clear()
+            self._wait_rq.clear()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def checkout(self, stats: Stats, info: context.RequestInfo | None, location: Location
                  ) -> Held:
         """A connection was checked out for ``info``'s request (at ``location``)."""
         held = Held(stats, info, location, real.perf_counter())
+        held.idle_rq = self._run_queue_ns()
         with self.lock:
             stats.held[id(held)] = held
             if info is not None:
@@ -474,6 +539,7 @@ class WatchCore:
             now = real.perf_counter()
             held.work_s += now - held.work_since
             held.idle_since = now
+            held.idle_rq = self._run_queue_ns()
             held.awaited = None
 
     def outbound(self, info: context.RequestInfo | None, call: str) -> None:
@@ -508,15 +574,23 @@ class WatchCore:
             self._held_idle(held, now, idle)
 
     def _idle_ended(self, held: Held, now: float, frame: FrameType | None) -> None:
+        """An idle spell of ``held`` ends. Counted: the spell less the time the holder's
+        thread (the loop, for async pools) was runnable but kept off the CPU by other
+        processes, so a loaded machine does not make a busy connection look idle."""
         started, held.idle_since = held.idle_since, None
         if started is None or (now - started) * 1000.0 < IDLE_SPELL_MS:
+            return
+        spell = now - started
+        run_queue = self._run_queue_ns() if held.idle_rq >= 0 else -1
+        if run_queue >= held.idle_rq >= 0:
+            spell = max(spell - (run_queue - held.idle_rq) / 1e9, 0.0)
+        if spell * 1000.0 < IDLE_SPELL_MS:
             return
         with self.lock:
             held.stats.idle_spells.append((started, now))
             count, longest, total = held.stats.queued(started, now)
         if longest * 1000.0 < QUEUE_FLOOR_MS:
             return
-        spell = now - started
         if held.worst is None or spell > held.worst[0]:
             ended = caller_location(frame) if frame is not None else None
             held.worst = (spell, count, total, longest, held.awaited, ended)

@@ -52,6 +52,12 @@ def _add_opening(opening: list[float], started: float) -> None:
     opening[0] += real.perf_counter() - started
 
 
+def _major() -> int:
+    import sqlalchemy
+
+    return int(str(sqlalchemy.__version__).split(".")[0])
+
+
 class _Connect:
     __slots__ = ("frame", "opening", "started", "stats", "token", "wait")
 
@@ -146,6 +152,17 @@ class SqlalchemyWatch:
                 conn = getattr(context, "connection", None)
                 hooks.safely(LIBRARY, QUERY, None, watch._query_ended, conn)
 
+        # The pool resets (rolls back) a connection on its way back: work, up to checkin.
+        def on_reset(dbapi_connection: Any, record: Any, reset_state: Any = None) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                hooks.safely(LIBRARY, QUERY, None, watch._reset_began, record)
+
+        def on_reset_1x(dbapi_connection: Any, record: Any) -> None:  # SQLAlchemy 1.x
+            on_reset(dbapi_connection, record)
+
+        reset = on_reset if _major() >= 2 else on_reset_1x
+        event.listen(Pool, "reset", reset)
+        self._events.append((Pool, "reset", reset))
         for name, fn in (("before_cursor_execute", before_cursor_execute),
                          ("after_cursor_execute", after_cursor_execute),
                          ("handle_error", handle_error)):
@@ -193,7 +210,7 @@ class SqlalchemyWatch:
     def _connected(self, pool: Any, began: _Connect, fairy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
-        core.wait_end(stats, began.wait)
+        preempted = core.wait_end(stats, began.wait)
         info = request_info()
         record = getattr(fairy, "_connection_record", None)
         location = caller_location(began.frame) if record is not None else None
@@ -212,9 +229,7 @@ class SqlalchemyWatch:
                     pool=stats.name, request=None if info is None else info.request,
                     location=location, since=real.perf_counter(), by_request=armed_by(info),
                 )
-        if wait_ms > core.slot_wait_ms:
-            core.pool_wait(stats, wait_ms, began.frame, timed_out=False,
-                           started=began.started)
+        core.plain_wait(stats, wait_ms, preempted, began.frame, began.started)
 
     def _checked_in(self, record: Any) -> None:
         with self.core.lock:
@@ -233,6 +248,11 @@ class SqlalchemyWatch:
         held = self._held_by(conn)
         if held is not None:
             self.core.work_begin(held, sys._getframe(2))
+
+    def _reset_began(self, record: Any) -> None:
+        held = self._held.get(id(record))
+        if held is not None and held.depth == 0:
+            self.core.work_begin(held, None)
 
     def _query_ended(self, conn: Any) -> None:
         held = self._held_by(conn)

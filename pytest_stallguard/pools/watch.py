@@ -74,6 +74,7 @@ class PoolWatch(WatchCore):
     def stop(self) -> None:
         self.on = False
         self.patches.restore()
+        self.close_run_queues()
 
     def __enter__(self) -> PoolWatch:
         return self.start()
