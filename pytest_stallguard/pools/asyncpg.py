@@ -165,7 +165,7 @@ class AsyncpgWatch:
     def _acquired(self, pool: Any, began: _Acquire, proxy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
-        preempted = core.wait_end(stats, began.token)
+        preempted = core.wait_end(stats, began.token, wait_ms)
         info = request_info()
         holder = getattr(proxy, "_holder", None)
         location = caller_location(began.frame) if holder is not None else None

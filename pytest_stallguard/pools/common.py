@@ -455,14 +455,19 @@ class WatchCore:
                 self._wait_rq[token] = run_queue
         return token
 
-    def wait_end(self, stats: Stats, token: int) -> float:
-        """The wait of ``token`` is over; returns the seconds of it the waiting thread was
-        runnable but kept off the CPU by other processes (0.0 where unknown)."""
+    def wait_end(self, stats: Stats, token: int, wait_ms: float | None = None) -> float:
+        """The wait of ``token`` is over after ``wait_ms`` of queueing (less than the time
+        since it began when part of it went to opening a new connection); returns the
+        seconds of it the waiting thread was runnable but kept off the CPU by other
+        processes (0.0 where unknown)."""
         run_queue = self._run_queue_ns()
+        now = real.perf_counter()
         with self.lock:
             started = stats.waiting.pop(token, None)
             if started is not None:
-                stats.wait_spans.append((started, real.perf_counter()))
+                if wait_ms is not None:
+                    started = max(started, now - wait_ms / 1000.0)
+                stats.wait_spans.append((started, now))
             before = self._wait_rq.pop(token, -1)
         if before < 0 or run_queue < before:
             return 0.0

@@ -197,7 +197,7 @@ class SqlalchemyWatch:
     def _failed(self, began: _Connect, exc: BaseException) -> None:
         from sqlalchemy import exc as sa_exc
 
-        self.core.wait_end(began.stats, began.wait)
+        self.core.wait_end(began.stats, began.wait, began.wait_ms())
 
         if not isinstance(exc, sa_exc.TimeoutError):
             return
@@ -210,7 +210,7 @@ class SqlalchemyWatch:
     def _connected(self, pool: Any, began: _Connect, fairy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
-        preempted = core.wait_end(stats, began.wait)
+        preempted = core.wait_end(stats, began.wait, wait_ms)
         info = request_info()
         record = getattr(fairy, "_connection_record", None)
         location = caller_location(began.frame) if record is not None else None
