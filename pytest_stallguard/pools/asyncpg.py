@@ -48,13 +48,14 @@ QUERY_METHODS = (
 
 
 class _Acquire:
-    __slots__ = ("frame", "started", "stats", "token")
+    __slots__ = ("frame", "preempted", "started", "stats", "token")
 
     def __init__(self, stats: Stats, frame: FrameType, core: WatchCore) -> None:
         self.stats = stats
         self.frame = frame
         self.started = real.perf_counter()
         self.token = core.wait_begin(stats, self.started)
+        self.preempted = 0.0
 
     def wait_ms(self) -> float:
         return (real.perf_counter() - self.started) * 1000.0
@@ -90,8 +91,10 @@ class AsyncpgWatch:
             try:
                 proxy = await link.next(*args, **kwargs)
             except BaseException as exc:
+                hooks.safely(LIBRARY, ACQUIRE, pool, watch._wait_over, began)
                 hooks.safely(LIBRARY, ACQUIRE, pool, watch._failed, began, exc)
                 raise
+            hooks.safely(LIBRARY, ACQUIRE, pool, watch._wait_over, began)
             hooks.safely(LIBRARY, ACQUIRE, pool, watch._acquired, pool, began, proxy)
             return proxy
 
@@ -152,8 +155,10 @@ class AsyncpgWatch:
         stats.size = int(getattr(pool, "_maxsize", 0))
         return _Acquire(stats, frame, self.core)
 
+    def _wait_over(self, began: _Acquire) -> None:
+        began.preempted = self.core.wait_end(began.stats, began.token, began.wait_ms())
+
     def _failed(self, began: _Acquire, exc: BaseException) -> None:
-        self.core.wait_end(began.stats, began.token)
         if not isinstance(exc, asyncio.TimeoutError):
             return
         wait_ms = began.wait_ms()
@@ -165,7 +170,6 @@ class AsyncpgWatch:
     def _acquired(self, pool: Any, began: _Acquire, proxy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
-        preempted = core.wait_end(stats, began.token, wait_ms)
         info = request_info()
         holder = getattr(proxy, "_holder", None)
         location = caller_location(began.frame) if holder is not None else None
@@ -184,7 +188,7 @@ class AsyncpgWatch:
                     pool=stats.name, request=None if info is None else info.request,
                     location=location, since=real.perf_counter(), by_request=armed_by(info),
                 ))
-        core.plain_wait(stats, wait_ms, preempted, began.frame, began.started)
+        core.plain_wait(stats, wait_ms, began.preempted, began.frame, began.started)
 
     def _released(self, args: tuple[Any, ...], kwargs: dict[str, Any], frame: FrameType
                   ) -> None:

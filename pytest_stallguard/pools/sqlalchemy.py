@@ -59,7 +59,7 @@ def _major() -> int:
 
 
 class _Connect:
-    __slots__ = ("frame", "opening", "started", "stats", "token", "wait")
+    __slots__ = ("frame", "opening", "preempted", "started", "stats", "token", "wait")
 
     def __init__(self, stats: Stats, frame: FrameType, core: WatchCore) -> None:
         self.stats = stats
@@ -68,6 +68,7 @@ class _Connect:
         self.token = _opening.set(self.opening)
         self.started = real.perf_counter()
         self.wait = core.wait_begin(stats, self.started)
+        self.preempted = 0.0
 
     def forget(self) -> None:
         with contextlib.suppress(Exception):
@@ -108,9 +109,11 @@ class SqlalchemyWatch:
                 fairy = link.next(*args, **kwargs)
             except BaseException as exc:
                 began.forget()
+                hooks.safely(LIBRARY, CONNECT, pool, watch._wait_over, began)
                 hooks.safely(LIBRARY, CONNECT, pool, watch._failed, began, exc)
                 raise
             began.forget()
+            hooks.safely(LIBRARY, CONNECT, pool, watch._wait_over, began)
             hooks.safely(LIBRARY, CONNECT, pool, watch._connected, pool, began, fairy)
             return fairy
 
@@ -194,10 +197,12 @@ class SqlalchemyWatch:
             stats.size = int(size()) + max(int(overflow), 0)
         return _Connect(stats, frame, self.core)
 
+    def _wait_over(self, began: _Connect) -> None:
+        began.preempted = self.core.wait_end(began.stats, began.wait, began.wait_ms())
+
     def _failed(self, began: _Connect, exc: BaseException) -> None:
         from sqlalchemy import exc as sa_exc
 
-        self.core.wait_end(began.stats, began.wait, began.wait_ms())
 
         if not isinstance(exc, sa_exc.TimeoutError):
             return
@@ -210,7 +215,6 @@ class SqlalchemyWatch:
     def _connected(self, pool: Any, began: _Connect, fairy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
-        preempted = core.wait_end(stats, began.wait, wait_ms)
         info = request_info()
         record = getattr(fairy, "_connection_record", None)
         location = caller_location(began.frame) if record is not None else None
@@ -229,7 +233,7 @@ class SqlalchemyWatch:
                     pool=stats.name, request=None if info is None else info.request,
                     location=location, since=real.perf_counter(), by_request=armed_by(info),
                 )
-        core.plain_wait(stats, wait_ms, preempted, began.frame, began.started)
+        core.plain_wait(stats, wait_ms, began.preempted, began.frame, began.started)
 
     def _checked_in(self, record: Any) -> None:
         with self.core.lock:
