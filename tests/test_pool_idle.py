@@ -131,6 +131,14 @@ def create_app(kind, size=10):
             rows += await db.query(conn, "select 1")
         return {"rows": rows, "stats": stats.status_code}
 
+    @app.get("/export")
+    async def export():
+        async with db.connection() as conn:  # SLEEPER-CHECKOUT
+            rows = await db.query(conn, "select 1")
+            await asyncio.sleep(0.3)  # held, doing nothing
+            rows += await db.query(conn, "select 1")  # SLEEPER-RESUMES
+        return {"rows": rows}
+
     @app.get("/report")
     async def report():
         async with db.connection() as conn:  # SLOW-CHECKOUT
@@ -259,6 +267,30 @@ def test_connection_held_across_an_upstream_call_while_others_queue(
         assert fixed_pool["idle_held_total_ms"] * 4 < pool["idle_held_total_ms"]
         assert finding["duration_ms"] * 2 > pool["idle_held_total_ms"] / 6
     result.stdout.fnmatch_lines([f"*pool-exhaustion*myapp.py:{app_line('HOLDER-CHECKOUT')}*"])
+
+
+def test_connection_held_across_a_sleep_names_where_idleness_ended(
+    app_dir: pytest.Pytester,
+) -> None:
+    """No outbound call to name: the message says no query ran, and bounds the idle spell
+    by the checkout line and the line that used the connection again."""
+    result, tests = run(app_dir, """
+        import pytest
+
+        @pytest.mark.pool_size(2)
+        async def test_export(stall_client):
+            r = await stall_client.burst("GET", "/export", n=6)
+            assert r.statuses[200] == 6
+        """)
+    result.assert_outcomes(failed=2)
+    for kind in ("asyncpg", "sqlalchemy"):
+        [finding] = during_requests(tests[f"test_export[{kind}-asyncio]"])
+        assert finding["kind"] == "pool-exhaustion"
+        assert (finding["file"], finding["line"], finding["function"]) == (
+            "myapp.py", app_line("SLEEPER-CHECKOUT"), "export"
+        )
+        assert "no query ran on it" in finding["message"]
+        assert f"until myapp.py:{app_line('SLEEPER-RESUMES')}" in finding["message"]
 
 
 def test_a_wait_users_feel_is_a_finding(app_dir: pytest.Pytester) -> None:

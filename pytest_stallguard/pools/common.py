@@ -201,6 +201,21 @@ def _greenlet_parent_frame() -> FrameType | None:
     return frame if isinstance(frame, FrameType) else None
 
 
+def resumed_at(frame: FrameType | None, checkout: Location) -> Location:
+    """Where the holder used its connection again: the line of the function that checked
+    it out (walking out of the user's own helpers, and out of SQLAlchemy's greenlet), or
+    the first user frame."""
+    file, _, function = checkout
+    for start in (frame, _greenlet_parent_frame()):
+        while start is not None:
+            code = start.f_code
+            if (code.co_name == function and is_user_file(code.co_filename)
+                    and relative(code.co_filename) == file):
+                return file, start.f_lineno, function
+            start = start.f_back
+    return caller_location(frame)
+
+
 def caller_location(frame: FrameType | None) -> Location:
     found = find_user(frame)
     if found is None:
@@ -597,7 +612,7 @@ class WatchCore:
         if longest * 1000.0 < QUEUE_FLOOR_MS:
             return
         if held.worst is None or spell > held.worst[0]:
-            ended = caller_location(frame) if frame is not None else None
+            ended = resumed_at(frame, held.location) if frame is not None else None
             held.worst = (spell, count, total, longest, held.awaited, ended)
 
     def _held_idle(self, held: Held, now: float, idle: float) -> None:
@@ -613,7 +628,7 @@ class WatchCore:
             where += f" ({function})"
         until = ""
         if ended is not None and ended[0] is not None and ended[:2] != held.location[:2]:
-            until = f" until {ended[0]}:{ended[1]}"
+            until = f"; idle until {ended[0]}:{ended[1]}"
         doing = (f"while awaiting {awaited}" if awaited is not None
                  else "while no query ran on it (an await, CPU work or a sleep)")
         timeouts = f", {stats.timeouts} pool timeout(s) so far" if stats.timeouts else ""
@@ -621,7 +636,7 @@ class WatchCore:
         self.record(
             "pool-exhaustion",
             f"{info.request} held a connection of {stats.name} (size {stats.size}) idle for "
-            f"{spell * 1000:.0f} ms {doing}: checked out at {where}{until}, idle "
+            f"{spell * 1000:.0f} ms {doing} (checked out at {where}{until}); idle "
             f"{idle * 1000:.0f} of the {held_ms:.0f} ms it held it. Meanwhile {waiters} "
             f"request(s) queued for that pool ({queued * 1000:.0f} ms of waiting{timeouts}). "
             f"{IDLE_HELP} See {DOCS}pool-exhaustion",
