@@ -221,6 +221,10 @@ def test_fifty_requests_queueing_on_ten_busy_connections_is_not_a_finding(
         assert pool["wait_max_ms"] > 0
         assert pool["wait_total_ms"] >= pool["wait_max_ms"]
         assert pool["idle_held_total_ms"] < pool["work_total_ms"]
+        # each request's latency holds its wait and its time holding the connection
+        [burst] = test["bursts"]
+        spent = pool["wait_total_ms"] + pool["work_total_ms"] + pool["idle_held_total_ms"]
+        assert spent <= sum(burst["latencies_ms"])
     result.stdout.fnmatch_lines(["*pool * size 10*wait total*working*idle held*"])
 
 
