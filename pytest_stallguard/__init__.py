@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import BlockingCallError, StallFindings, StallguardError
-from .model import BurstResult, CanaryResult, Finding, PoolStats
+from .model import BurstResult, CanaryResult, Finding, PoolStats, RequestTiming
 
 try:
     __version__ = version("pytest-stallguard")
@@ -18,6 +18,7 @@ __all__ = [
     "CanaryResult",
     "Finding",
     "PoolStats",
+    "RequestTiming",
     "StallFindings",
     "StallguardError",
     "__version__",

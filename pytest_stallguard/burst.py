@@ -12,12 +12,12 @@ from typing import Any
 
 import anyio
 
-from . import waits
+from . import audit, waits
 from .clock import real
 from .context import ASGIApp
 from .driver import RequestSpec, build_spec, call
 from .errors import ConfigError
-from .model import BurstResult, RequestError
+from .model import BurstResult, RequestError, RequestTiming
 
 SpecLike = Any  # ("GET", "/x") | ("POST", "/x", {"json": ...}) | {"method": ..., "path": ...}
 
@@ -69,12 +69,27 @@ async def run(
     """
     latencies = [0.0] * n
     ttfb = [0.0] * n
+    issued_at = [0.0] * n
+    status_of = [0] * n
+    ledgers: list[audit.Ledger | None] = [None] * n
     statuses: Counter[int] = Counter()
     errors: list[RequestError] = []
     crashed: list[RequestError] = []  # requests the app raised on (answered 500)
     k = len(specs)
 
     async def one(i: int, issued: float) -> None:
+        issued_at[i] = issued
+        if recorder is None:
+            await one_request(i, issued)
+            return
+        ledger, token = audit.begin(issued)
+        ledgers[i] = ledger
+        try:
+            await one_request(i, issued)
+        finally:
+            audit.end(ledger, token)
+
+    async def one_request(i: int, issued: float) -> None:
         spec = specs[i % k]
         if timeout is None:
             reply = await call(app, spec)
@@ -96,8 +111,67 @@ async def run(
                 # The app crashed after it had started answering: no complete response.
                 errors.append(crashed[-1])
         statuses[reply.status] += 1
+        status_of[i] = reply.status
 
+    recorder = audit.Recorder().start() if audit.wanted() else None
     started = real.perf_counter()
+    if recorder is not None:
+        recorder.t0 = started
+    try:
+        await _fire(one, n, concurrency, started)
+    finally:
+        if recorder is not None:
+            recorder.stop()
+    ended = real.perf_counter()
+    elapsed = ended - started
+
+    requests = []
+    for i in range(n):
+        spec = specs[i % k]
+        breakdown: dict[str, float] | None = None
+        upstreams: dict[str, float] = {}
+        segments: tuple[tuple[str, float, float], ...] = ()
+        ledger = ledgers[i]
+        if ledger is not None:
+            finished = issued_at[i] + latencies[i] / 1000.0
+            breakdown, upstreams, segments = audit.settle(ledger, finished, started)
+        requests.append(RequestTiming(
+            i=i,
+            method=spec.method,
+            path=spec.path,
+            status=status_of[i],
+            start_ms=(issued_at[i] - started) * 1000.0,
+            latency_ms=latencies[i],
+            ttfb_ms=ttfb[i],
+            breakdown=breakdown,
+            upstreams=upstreams,
+            segments=segments,
+        ))
+    timeline: dict[str, Any] = {}
+    if recorder is not None:
+        timeline = recorder.counters(ledgers, ended)
+        timeline["marks"] = recorder.marks(ended)
+    labels = tuple(dict.fromkeys(s.label for s in specs))
+    mixed = len(labels) > 1
+    return BurstResult(
+        method="MIXED" if mixed else specs[0].method,
+        path=", ".join(labels) if mixed else specs[0].path,
+        n=n,
+        concurrency=concurrency,
+        latencies_ms=latencies,
+        ttfb_ms=ttfb,
+        statuses=statuses,
+        errors=errors,
+        elapsed_s=elapsed,
+        specs=labels,
+        app_exception=min(crashed, key=lambda e: e.index) if crashed else None,
+        requests=requests,
+        timeline=timeline,
+        t0=started,
+    )
+
+
+async def _fire(one: Any, n: int, concurrency: int | None, started: float) -> None:
     async with anyio.create_task_group() as tg:
         if concurrency is None or concurrency >= n:
             # All issued at once: each latency runs from the burst's start, so requests that
@@ -113,20 +187,3 @@ async def run(
 
             for _ in range(concurrency):
                 tg.start_soon(worker)
-    elapsed = real.perf_counter() - started
-
-    labels = tuple(dict.fromkeys(s.label for s in specs))
-    mixed = len(labels) > 1
-    return BurstResult(
-        method="MIXED" if mixed else specs[0].method,
-        path=", ".join(labels) if mixed else specs[0].path,
-        n=n,
-        concurrency=concurrency,
-        latencies_ms=latencies,
-        ttfb_ms=ttfb,
-        statuses=statuses,
-        errors=errors,
-        elapsed_s=elapsed,
-        specs=labels,
-        app_exception=min(crashed, key=lambda e: e.index) if crashed else None,
-    )

@@ -40,14 +40,19 @@ DRAIN_S = 5.0
 BASELINE_BOUND_S = 10.0
 
 
-async def _probe(app: ASGIApp, spec: RequestSpec, scheduled: float, out: list[float]) -> None:
+async def _probe(app: ASGIApp, spec: RequestSpec, scheduled: float, out: list[float],
+                 at: list[float] | None = None) -> None:
     try:
         reply = await call(app, spec)
     except anyio.get_cancelled_exc_class():
         # Cut off by the drain bound: it took at least this long, and that is what counts.
         out.append((real.perf_counter() - scheduled) * 1000.0)
+        if at is not None:
+            at.append(scheduled)
         raise
     out.append((reply.finished - scheduled) * 1000.0)
+    if at is not None:
+        at.append(scheduled)  # the schedule of out[i] is at[i] (a burst's timeline)
 
 
 async def _schedule(
@@ -58,6 +63,7 @@ async def _schedule(
     stop: list[float] | None,
     count: int | None,
     start: float | None = None,
+    at: list[float] | None = None,
 ) -> None:
     """Probe every ``every_s`` from ``start`` until the stop time (or ``count`` probes).
 
@@ -72,7 +78,7 @@ async def _schedule(
 
     async def probe(scheduled: float) -> None:
         async with in_flight:
-            await _probe(app, spec, scheduled, out)
+            await _probe(app, spec, scheduled, out, at)
 
     async with anyio.create_task_group() as tg:
         with waits.Pacer() as pacer:
@@ -154,12 +160,13 @@ async def probing(
     seconds; the ones cut off count with the time they had waited.
     """
     out: list[float] = []
+    at: list[float] = []
     stop: list[float] = []
     drain: waits.Timer | None = None
     try:
         async with anyio.create_task_group() as tg:
             start = real.perf_counter()
-            tg.start_soon(_schedule, app, spec, every_ms / 1000.0, out, stop, None, start)
+            tg.start_soon(_schedule, app, spec, every_ms / 1000.0, out, stop, None, start, at)
             try:
                 yield
             finally:
@@ -175,5 +182,6 @@ async def probing(
             baseline_ms=tuple(quiet),
             latencies_ms=tuple(out),
             floor_ms=floor_ms,
+            scheduled_s=tuple(at),
         )
     )

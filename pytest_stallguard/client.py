@@ -210,7 +210,13 @@ class StallClient(httpx.AsyncClient):
                     self.app, specs, settings.n, settings.concurrency, timeout
                 )
         if results:
-            result = replace(result, canary=results[0])
+            probes = results[0]
+            timeline = dict(result.timeline)
+            timeline["canary"] = sorted(
+                [round((s - result.t0) * 1000.0, 3), round(lat, 3)]
+                for s, lat in zip(probes.scheduled_s, probes.latencies_ms, strict=False)
+            )
+            result = replace(result, canary=probes, timeline=timeline)
             during = f"a burst of {settings.n} x {', '.join(result.specs)}"
             self._judge(results[0], settings.max_canary_slowdown, during)
         self.bursts.append(result)

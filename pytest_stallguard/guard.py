@@ -18,10 +18,12 @@ from dataclasses import replace
 from types import FrameType
 
 from . import context
+from .clock import real
 from .location import relative, user_location
 from .model import Finding
 
 _active: Guard | None = None
+MAX_EVENTS = 100_000
 
 
 def active() -> Guard | None:
@@ -48,6 +50,9 @@ class Guard:
         self.suppressed = 0  # findings dropped by the allowlist
         # Off while fixtures are set up: only the lifespan is measured then.
         self.recording = True
+        # Every finding recorded, unfolded, with the real time it was recorded at: what a
+        # burst's timeline marks (see audit.Recorder.marks). Bounded.
+        self.events: list[tuple[float, Finding]] = []
 
     # -- arming ------------------------------------------------------------------------
     def __enter__(self) -> Guard:
@@ -152,6 +157,8 @@ class Guard:
             fails=fails,
         )
         with self._lock:
+            if len(self.events) < MAX_EVENTS:
+                self.events.append((real.perf_counter(), finding))
             old = self._findings.get(finding.key())
             if old is not None:
                 longest = max(

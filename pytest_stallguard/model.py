@@ -106,6 +106,9 @@ class CanaryResult:
     baseline_ms: tuple[float, ...]
     latencies_ms: tuple[float, ...]
     floor_ms: float
+    # real.perf_counter() each probe was scheduled at, in the order of latencies_ms (not
+    # in the JSON; a burst's timeline places its probes with it)
+    scheduled_s: tuple[float, ...] = ()
 
     @property
     def baseline_p95_ms(self) -> float:
@@ -166,6 +169,84 @@ def _detached(exc: BaseException) -> BaseException:
     return copy
 
 
+# The keys of a request's breakdown (SPEC section 8), in the order reports show them.
+BREAKDOWN_KEYS = (
+    "loop_ms",
+    "loop_wait_ms",
+    "thread_wait_ms",
+    "thread_ms",
+    "pool_wait_ms",
+    "io_ms",
+    "other_ms",
+)
+
+
+def _r3(value: float) -> float:
+    return round(value, 3)
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """One request of a burst: when it was issued, how long it took and where the time went.
+
+    ``start_ms`` is the offset of its issue from the burst's start; ``latency_ms`` runs from
+    the issue to the last body byte, ``ttfb_ms`` to the first. ``breakdown`` (keys
+    :data:`BREAKDOWN_KEYS`, milliseconds) sums to ``latency_ms``; it is None when nothing was
+    measured (no guard armed). ``upstreams``: outbound HTTP host -> ms awaited.
+    ``segments``: the breakdown in time order, ``(key, start_ms, end_ms)`` from the burst's
+    start (what the HTML timeline and the trace draw). ``status`` is 0 for no response.
+    """
+
+    i: int
+    method: str
+    path: str
+    status: int
+    start_ms: float
+    latency_ms: float
+    ttfb_ms: float
+    breakdown: dict[str, float] | None = None
+    upstreams: dict[str, float] = field(default_factory=dict)
+    segments: tuple[tuple[str, float, float], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "i": self.i,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "start_ms": _r3(self.start_ms),
+            "latency_ms": _r3(self.latency_ms),
+            "ttfb_ms": _r3(self.ttfb_ms),
+            "breakdown": None if self.breakdown is None
+            else {k: _r3(self.breakdown[k]) for k in BREAKDOWN_KEYS},
+            "upstreams": {h: _r3(v) for h, v in sorted(self.upstreams.items())},
+            "segments": [[k, _r3(s), _r3(e)] for k, s, e in self.segments],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RequestTiming:
+        return cls(
+            i=data["i"],
+            method=data["method"],
+            path=data["path"],
+            status=data["status"],
+            start_ms=data["start_ms"],
+            latency_ms=data["latency_ms"],
+            ttfb_ms=data["ttfb_ms"],
+            breakdown=data.get("breakdown"),
+            upstreams=dict(data.get("upstreams") or {}),
+            segments=tuple((k, s, e) for k, s, e in data.get("segments") or ()),
+        )
+
+
+def sum_breakdowns(requests: Sequence[RequestTiming]) -> dict[str, float] | None:
+    """The breakdowns of ``requests`` summed per key; None when none was measured."""
+    measured = [r.breakdown for r in requests if r.breakdown is not None]
+    if not measured:
+        return None
+    return {k: sum(b[k] for b in measured) for k in BREAKDOWN_KEYS}
+
+
 @dataclass(frozen=True)
 class BurstResult:
     method: str
@@ -181,6 +262,19 @@ class BurstResult:
     specs: tuple[str, ...] = field(default=())
     # The first request the app raised on (answered 500), for a failing test's report.
     app_exception: RequestError | None = None
+    # One per request, in issue order (SPEC section 8).
+    requests: list[RequestTiming] = field(default_factory=list)
+    # What happened during the burst, on its time axis (ms from its start), for the HTML
+    # timeline and the trace: "marks" (findings recorded during it), "canary" probes,
+    # "loop_lag" and "in_use" counters. See :mod:`..audit`.
+    timeline: dict[str, Any] = field(default_factory=dict)
+    # real.perf_counter() at the burst's start (not in the JSON).
+    t0: float = 0.0
+
+    @property
+    def breakdown(self) -> dict[str, float] | None:
+        """The requests' breakdowns summed per key (None when none was measured)."""
+        return sum_breakdowns(self.requests)
 
     @property
     def p50_ms(self) -> float:
@@ -224,6 +318,10 @@ class BurstResult:
             "errors": len(self.errors),
             "canary": None if self.canary is None else self.canary.to_dict(),
             "latencies_ms": [round(v, 3) for v in self.latencies_ms],
+            "breakdown": None if self.breakdown is None
+            else {k: _r3(v) for k, v in self.breakdown.items()},
+            "requests": [r.to_dict() for r in self.requests],
+            "timeline": self.timeline,
         }
 
 

@@ -71,7 +71,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--stall-report-html", metavar="PATH", default=None,
-        help="Write a self-contained HTML report to PATH.",
+        help="Write a self-contained HTML report to PATH: per burst, a timeline of where "
+        "each request's time went.",
+    )
+    group.addoption(
+        "--stall-trace", metavar="PATH", default=None,
+        help="Write the bursts as Chrome Trace Event JSON to PATH (open it in Perfetto): a "
+        "track per request, counters, stalls and blocking calls.",
     )
     group.addoption("--stall-threshold-ms", metavar="N", default=None, help=THRESHOLD_DESC)
     group.addoption(
@@ -261,7 +267,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
         except ConfigError as exc:
             pytest.fail(str(exc), pytrace=False)
         if item.config.stash[ALL_KEY]:
-            intercept.install()  # modules the suite imported since the last test
+            intercept.install()  # again after a restore_all(); idempotent otherwise
         run = GuardRun(settings)
         item.stash[RUN_KEY] = run
         run.start()
@@ -499,6 +505,14 @@ class _Reporter:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(html_report.render(report))
             self.written.append(("HTML", target.resolve()))
+        trace_path = config.getoption("--stall-trace")
+        if trace_path:
+            from .report import trace as trace_report
+
+            target = Path(trace_path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(trace_report.build(report)) + "\n")
+            self.written.append(("trace", target.resolve()))
 
 
 # -- fixtures -----------------------------------------------------------------------------

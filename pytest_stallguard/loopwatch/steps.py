@@ -50,8 +50,10 @@ class LoopState:
 
     __slots__ = (
         "active",
+        "cpu_hist",
         "ctx",
         "end",
+        "held",
         "kind",
         "lock",
         "loop",
@@ -80,6 +82,11 @@ class LoopState:
         # (real.perf_counter after the read, run-queue wait in ns, start of the step it was
         # read wholly inside or 0.0), appended by the watchdog at every wake
         self.rq_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
+        # (start, end) of the watchdog's turns with the GIL that lasted long enough to
+        # matter (it was preempted holding it): the loop thread could not run meanwhile
+        # (real.perf_counter after the read, CPU time in ns, as rq_hist), read with it
+        self.cpu_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
+        self.held: deque[tuple[float, float]] = deque(maxlen=64)
         self.active = True
         self.start = 0.0  # real.perf_counter at the start of the running step, 0.0 idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context
@@ -108,9 +115,18 @@ def _begin(st: LoopState, ctx: contextvars.Context | None) -> float:
     return start
 
 
+# -- per-step observer (request audit, issue 10): called at the end of every timed step
+# with (start, end, ctx, owner); owner is the callback run (asyncio, uvloop) or the trio
+# task. Set by audit.Recorder while a burst is audited, None otherwise. Its failures are
+# ours: they turn this loop's watch off like any other bookkeeping failure.
+step_observer: Callable[[float, float, contextvars.Context | None, Any], None] | None = None
+
+
 def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: Any) -> None:
     end = st.end = real.perf_counter()
     st.start = 0.0
+    if step_observer is not None:
+        step_observer(start, end, ctx, owner)
     if st.active and end - start > st.watch._threshold_s:
         st.watch._judge(st, start, end, ctx, owner)
 

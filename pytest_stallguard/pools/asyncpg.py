@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from .. import patching
+from .. import audit, patching
 from ..clock import real
 from .common import (
     CheckedOut,
@@ -162,6 +162,7 @@ class AsyncpgWatch:
         if not isinstance(exc, asyncio.TimeoutError):
             return
         wait_ms = began.wait_ms()
+        audit.span("pool_wait", began.started, real.perf_counter())  # issue 10
         with self.core.lock:
             began.stats.timeouts += 1
             began.stats.waits_ms.append(wait_ms)
@@ -170,6 +171,7 @@ class AsyncpgWatch:
     def _acquired(self, pool: Any, began: _Acquire, proxy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
+        audit.span("pool_wait", began.started, real.perf_counter())  # issue 10
         info = request_info()
         holder = getattr(proxy, "_holder", None)
         location = caller_location(began.frame) if holder is not None else None

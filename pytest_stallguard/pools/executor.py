@@ -20,6 +20,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from .. import audit
 from ..clock import real
 from ..location import user_location
 from ..model import DOCS
@@ -151,6 +152,9 @@ class ExecutorWatch:
         granted = call.started if call.started is not None else call.cancelled
         assert granted is not None
         wait_ms = (granted - call.called) * 1000.0
+        audit.span("thread_wait", call.called, granted)  # the request's audit (issue 10)
+        if call.started is not None:
+            audit.span("thread", call.started, call.ended or real.perf_counter())
         with core.lock:
             stats.waits_ms.append(wait_ms)
         if wait_ms > core.threshold_ms:

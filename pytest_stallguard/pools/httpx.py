@@ -24,7 +24,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from .. import patching
+from .. import audit, patching
 from ..clock import real
 from ..location import Location
 from ..model import DOCS
@@ -139,12 +139,12 @@ class _Sent:
     __slots__ = ("frame", "record", "request", "started", "stats", "token")
 
     def __init__(self, stats: Stats, request: Any, frame: FrameType) -> None:
+        self.started = real.perf_counter()
         self.stats = stats
         self.request = request
         self.frame = frame
         self.record = _HttpCall()
         self.token: contextvars.Token[_HttpCall | None] | None = None
-        self.started = real.perf_counter()
 
 
 def _forget(sent: _Sent) -> None:
@@ -324,9 +324,12 @@ class HttpxWatch:
     def _leave(self, sent: _Sent) -> None:
         core, stats, request = self.core, sent.stats, sent.request
         wait_ms = sent.record.wait_s * 1000.0
+        now = real.perf_counter()
+        # The request's audit (issue 10): the call's pool wait, its io, its host.
+        audit.http_call(request.url.host, sent.started, now, sent.record.wait_s)
         # The connection served the request from the end of the wait until the response
         # head arrived (httpx reads a plain call's body right after, on the same connection).
-        work = max(real.perf_counter() - sent.started - sent.record.wait_s, 0.0)
+        work = max(now - sent.started - sent.record.wait_s, 0.0)
         with core.lock:
             stats.in_use -= 1
             stats.waits_ms.append(wait_ms)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from .. import patching
+from .. import audit, patching
 from ..clock import real
 from .common import (
     CheckedOut,
@@ -207,6 +207,7 @@ class SqlalchemyWatch:
         if not isinstance(exc, sa_exc.TimeoutError):
             return
         wait_ms = began.wait_ms()
+        audit.span("pool_wait", began.started, real.perf_counter())  # issue 10
         with self.core.lock:
             began.stats.timeouts += 1
             began.stats.waits_ms.append(wait_ms)
@@ -215,6 +216,9 @@ class SqlalchemyWatch:
     def _connected(self, pool: Any, began: _Connect, fairy: Any) -> None:
         core, stats = self.core, began.stats
         wait_ms = began.wait_ms()
+        # The request's audit (issue 10): the wait, then opening a connection (io).
+        audit.span("pool_wait", began.started, began.started + wait_ms / 1000.0)
+        audit.span("io", began.started + wait_ms / 1000.0, real.perf_counter())
         info = request_info()
         record = getattr(fairy, "_connection_record", None)
         location = caller_location(began.frame) if record is not None else None

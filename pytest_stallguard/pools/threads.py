@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from .. import patching
+from .. import audit, patching
 from ..clock import real
 from ..location import Location, is_user_file, relative, user_location
 from ..model import DOCS
@@ -195,8 +195,11 @@ class ThreadWatch:
 
     def _returned(self, watched: _Call) -> None:
         call, stats, core = watched.call, watched.stats, self.core
-        granted = call.started if call.started is not None else real.perf_counter()
+        now = real.perf_counter()
+        granted = call.started if call.started is not None else now
         wait_ms = (granted - call.called) * 1000.0
+        audit.span("thread_wait", call.called, granted)  # the request's audit (issue 10)
+        audit.span("thread", granted, call.ended if call.ended is not None else now)
         with core.lock:
             stats.waits_ms.append(wait_ms)
         # The wait is what the request felt: a token, then a worker (started if the pool had

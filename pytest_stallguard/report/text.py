@@ -36,6 +36,7 @@ def lines(records: Iterable[TestRecord]) -> list[str]:
                     f"during p95 {c['p95_ms']:.1f} ms, max {c['max_ms']:.1f} ms, "
                     f"slowdown {c['slowdown']:.1f}x"
                 )
+            out.extend(audit_lines(b))
         out.extend(_pool_lines(data["pools"]))
         for f in data["findings"]:
             place = f"{f['file']}:{f['line']}" if f["file"] else "?"
@@ -44,6 +45,71 @@ def lines(records: Iterable[TestRecord]) -> list[str]:
             req = f" during {f['request']}" if f["request"] else ""
             call = f" {f['call']}" if f["call"] else ""
             out.append(f"  {f['kind']}{times}:{call}{dur}{req} at {place} ({f['function']})")
+    return out
+
+
+LABELS = {
+    "loop_ms": "loop",
+    "loop_wait_ms": "loop wait",
+    "thread_wait_ms": "thread wait",
+    "thread_ms": "thread",
+    "pool_wait_ms": "pool wait",
+    "io_ms": "io",
+    "other_ms": "other",
+}
+SLOWEST = 3
+
+
+def shares(breakdown: dict[str, float], least: float = 0.01) -> str:
+    """``"loop wait 81%, loop 19%"``: the parts of a breakdown, largest first."""
+    total = sum(breakdown.values())
+    if total <= 0:
+        return "-"
+    parts = sorted(breakdown.items(), key=lambda kv: -kv[1])
+    return ", ".join(
+        f"{LABELS.get(k, k)} {v / total:.0%}" for k, v in parts if v / total >= least
+    ) or "-"
+
+
+def overlapping(marks: list[dict[str, Any]], start_ms: float, end_ms: float
+                ) -> list[tuple[str, str, int]]:
+    """Findings recorded while a request ran: (kind, where, times), most frequent first."""
+    seen: Counter[tuple[str, str]] = Counter()
+    for m in marks:
+        begun = m["t_ms"]
+        ended = begun + (m.get("duration_ms") or 0.0)
+        if ended >= start_ms and begun <= end_ms:
+            where = f"{m['file']}:{m['line']}" if m.get("file") else "?"
+            if m.get("function"):
+                where += f" ({m['function']})"
+            seen[(m["kind"], where)] += 1
+    return [(kind, where, n) for (kind, where), n in seen.most_common()]
+
+
+def audit_lines(burst: dict[str, Any]) -> list[str]:
+    """Where the burst's time went (one line), then its slowest requests (SPEC section 8)."""
+    total = burst.get("breakdown")
+    requests = [r for r in burst.get("requests") or () if r.get("breakdown")]
+    if not total or not requests:
+        return []
+    summed = sum(total.values())
+    out = [f"    time went to: {shares(total)} (of {summed:.0f} ms in {len(requests)} requests)"]
+    marks = (burst.get("timeline") or {}).get("marks") or []
+    slowest = sorted(requests, key=lambda r: -r["latency_ms"])[:SLOWEST]
+    for r in slowest:
+        parts = sorted(r["breakdown"].items(), key=lambda kv: -kv[1])
+        spent = ", ".join(f"{LABELS.get(k, k)} {v:.1f}" for k, v in parts if v >= 0.05)
+        line = (f"    slow #{r['i']} {r['method']} {r['path']} -> {r['status'] or 'no answer'} "
+                f"in {r['latency_ms']:.1f} ms: {spent}")
+        if r.get("upstreams"):
+            line += "; awaited " + ", ".join(
+                f"{h} {ms:.0f} ms" for h, ms in sorted(r["upstreams"].items()))
+        found = overlapping(marks, r["start_ms"], r["start_ms"] + r["latency_ms"])
+        if found:
+            shown = "; ".join(f"{k}{f' x{n}' if n > 1 else ''} at {w}" for k, w, n in found[:2])
+            more = f" (+{len(found) - 2} more)" if len(found) > 2 else ""
+            line += f"; meanwhile {shown}{more}"
+        out.append(line)
     return out
 
 
