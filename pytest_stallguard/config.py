@@ -26,6 +26,9 @@ class Settings:
 
     threshold_ms: float = 20.0
     pool_wait_ms: float = 100.0
+    # Whether a marker, the ini or a call set pool_wait_ms. Thread pools use pool_wait_ms
+    # either way; DB and HTTP pools bound plain waits by it only when it was set.
+    pool_wait_set: bool = False
     traps: str = "record"
     allow: tuple[str, ...] = ()
     lifespan: str = "report"
@@ -190,6 +193,8 @@ def layer(base: Settings, values: Mapping[str, Any], where: str) -> Settings:
         if value is None and name not in ("concurrency", "canary"):
             continue
         clean[name] = VALIDATORS[name](value, where)
+    if "pool_wait_ms" in clean:
+        clean["pool_wait_set"] = True
     if "allow" in clean:  # allow patterns add up across layers
         clean["allow"] = base.allow + tuple(p for p in clean["allow"] if p not in base.allow)
     return replace(base, **clean)

@@ -335,6 +335,14 @@ class PoolStats:
     max_in_use: int
     waits_ms: tuple[float, ...] = ()
     timeouts: int = 0
+    # Summed over the checkouts that ended during the test (DB and HTTP pools): time a
+    # query or request ran on the connection, and time it sat checked out doing nothing.
+    work_total_ms: float = 0.0
+    idle_held_total_ms: float = 0.0
+
+    @property
+    def wait_total_ms(self) -> float:
+        return sum(self.waits_ms)
 
     @property
     def wait_p95_ms(self) -> float:
@@ -353,6 +361,9 @@ class PoolStats:
             "wait_p95_ms": round(self.wait_p95_ms, 3),
             "wait_max_ms": round(self.wait_max_ms, 3),
             "timeouts": self.timeouts,
+            "wait_total_ms": round(self.wait_total_ms, 3),
+            "work_total_ms": round(self.work_total_ms, 3),
+            "idle_held_total_ms": round(self.idle_held_total_ms, 3),
         }
 
 

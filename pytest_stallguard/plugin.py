@@ -27,7 +27,10 @@ from .run import GuardRun
 from .upstream import SlowUpstreams
 
 THRESHOLD_DESC = "Loop-stall threshold in milliseconds (default 20)."
-POOL_WAIT_DESC = "Pool and worker-thread wait that makes a finding, in milliseconds (default 100)."
+POOL_WAIT_DESC = (
+    "Pool and worker-thread wait that makes a finding, in milliseconds (default 100 for "
+    "worker threads; when unset, DB and HTTP pool waits are a finding past 500 ms)."
+)
 TRAPS_DESC = "What a trapped blocking call does: record (default, fail at teardown), raise, off."
 ALL_DESC = "Arm the guard in every test, also ones that use no stallguard fixture."
 REPORT_DESC = "Print the stallguard summary (bursts, canary, findings, pools) after the run."

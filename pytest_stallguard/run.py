@@ -45,7 +45,8 @@ class GuardRun:
         self._stack = contextlib.ExitStack()
         self.client: Any = None  # the StallClient, when the test used stall_client
         self.bursts: list[BurstResult] = []  # its bursts, kept when the run stops
-        self.pool_watch = PoolWatch(self.guard, threshold_ms=settings.pool_wait_ms)
+        self.pool_watch = PoolWatch(self.guard, threshold_ms=settings.pool_wait_ms,
+                                    wait_set=settings.pool_wait_set)
         self.leaks = LeakCheck(self.pool_watch, self.guard)
         self._shrink: ShrinkPools | None = None
         self._upstreams: SlowUpstreams | None = None

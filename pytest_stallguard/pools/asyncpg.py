@@ -22,6 +22,7 @@ from .. import audit, patching
 from ..clock import real
 from .common import (
     CheckedOut,
+    Held,
     HookGuard,
     Stats,
     WatchCore,
@@ -37,15 +38,24 @@ __all__ = ["AsyncpgShrink", "AsyncpgWatch", "shrink_new_pools"]
 
 LIBRARY = "asyncpg"
 ACQUIRE = "asyncpg Pool._acquire"
+RELEASE = "asyncpg Pool.release"
+QUERY = "asyncpg connection queries"
+# The Connection methods that run a query (a pool's proxy looks them up at call time).
+QUERY_METHODS = (
+    "execute", "executemany", "fetch", "fetchval", "fetchrow", "fetchmany", "prepare",
+    "copy_from_table", "copy_from_query", "copy_to_table", "copy_records_to_table",
+)
 
 
 class _Acquire:
-    __slots__ = ("frame", "started", "stats")
+    __slots__ = ("frame", "preempted", "started", "stats", "token")
 
-    def __init__(self, stats: Stats, frame: FrameType) -> None:
+    def __init__(self, stats: Stats, frame: FrameType, core: WatchCore) -> None:
         self.stats = stats
         self.frame = frame
         self.started = real.perf_counter()
+        self.token = core.wait_begin(stats, self.started)
+        self.preempted = 0.0
 
     def wait_ms(self) -> float:
         return (real.perf_counter() - self.started) * 1000.0
@@ -58,8 +68,11 @@ class AsyncpgWatch:
         self.core = core
         # id(holder) -> (holder, where): holders of asyncpg < 0.32 cannot be weak-referenced
         self._out: dict[int, tuple[Any, CheckedOut]] = {}
+        # id(connection) -> its checkout, while a watched acquire holds it
+        self._held: dict[int, Held] = {}
 
     def install(self) -> None:
+        import asyncpg.connection  # type: ignore[import-untyped]
         import asyncpg.pool  # type: ignore[import-untyped]
 
         core, hooks, watch = self.core, self.core.hooks, self
@@ -78,13 +91,47 @@ class AsyncpgWatch:
             try:
                 proxy = await link.next(*args, **kwargs)
             except BaseException as exc:
+                hooks.safely(LIBRARY, ACQUIRE, pool, watch._wait_over, began)
                 hooks.safely(LIBRARY, ACQUIRE, pool, watch._failed, began, exc)
                 raise
+            hooks.safely(LIBRARY, ACQUIRE, pool, watch._wait_over, began)
             hooks.safely(LIBRARY, ACQUIRE, pool, watch._acquired, pool, began, proxy)
             return proxy
 
         core.patches.set(asyncpg.pool.Pool, "_acquire", _acquire, link)
         core.watch_init(asyncpg.pool.Pool, LIBRARY, "asyncpg pool")
+
+        release_link = core.patches.link(asyncpg.pool.Pool, "release")
+
+        @functools.wraps(release_link.next)
+        async def release(*args: Any, **kwargs: Any) -> Any:
+            if watch._held and not hooks.disabled(RELEASE):
+                hooks.safely(LIBRARY, RELEASE, None, watch._released, args, kwargs,
+                             sys._getframe(1))
+            return await release_link.next(*args, **kwargs)
+
+        core.patches.set(asyncpg.pool.Pool, "release", release, release_link)
+        for name in QUERY_METHODS:
+            if callable(getattr(asyncpg.connection.Connection, name, None)):
+                self._watch_query(asyncpg.connection.Connection, name)
+
+    def _watch_query(self, cls: type, name: str) -> None:
+        """Time ``cls.name`` (a coroutine) as work on the connection it runs on."""
+        core, hooks, held_by = self.core, self.core.hooks, self._held
+        link = core.patches.link(cls, name)
+
+        @functools.wraps(link.next)
+        async def query(*args: Any, **kwargs: Any) -> Any:
+            held = held_by.get(id(args[0])) if args and held_by else None
+            if held is None or hooks.disabled(QUERY):
+                return await link.next(*args, **kwargs)
+            hooks.safely(LIBRARY, QUERY, None, core.work_begin, held, sys._getframe(1))
+            try:
+                return await link.next(*args, **kwargs)
+            finally:
+                hooks.safely(LIBRARY, QUERY, None, core.work_end, held)
+
+        core.patches.set(cls, name, query, link)
 
     def checked_out(self) -> list[CheckedOut]:
         """Connections acquired and not released yet (released holders are dropped)."""
@@ -100,12 +147,16 @@ class AsyncpgWatch:
     def clear(self) -> None:
         with self.core.lock:
             self._out.clear()
+            self._held.clear()
 
     # -- bookkeeping (each step runs under HookGuard.safely) ----------------------------
     def _begin(self, pool: Any, frame: FrameType) -> _Acquire:
         stats = self.core.stat(pool, "asyncpg pool", "asyncpg")
         stats.size = int(getattr(pool, "_maxsize", 0))
-        return _Acquire(stats, frame)
+        return _Acquire(stats, frame, self.core)
+
+    def _wait_over(self, began: _Acquire) -> None:
+        began.preempted = self.core.wait_end(began.stats, began.token, began.wait_ms())
 
     def _failed(self, began: _Acquire, exc: BaseException) -> None:
         if not isinstance(exc, asyncio.TimeoutError):
@@ -124,6 +175,11 @@ class AsyncpgWatch:
         info = request_info()
         holder = getattr(proxy, "_holder", None)
         location = caller_location(began.frame) if holder is not None else None
+        connection = getattr(holder, "_con", None)
+        if connection is not None and location is not None:
+            held = core.checkout(stats, info, location)
+            with core.lock:
+                self._held[id(connection)] = held
         with core.lock:
             stats.waits_ms.append(wait_ms)
             holders = getattr(pool, "_holders", ())
@@ -134,8 +190,18 @@ class AsyncpgWatch:
                     pool=stats.name, request=None if info is None else info.request,
                     location=location, since=real.perf_counter(), by_request=armed_by(info),
                 ))
-        if wait_ms > core.threshold_ms:
-            core.pool_wait(stats, wait_ms, began.frame, timed_out=False)
+        core.plain_wait(stats, wait_ms, began.preempted, began.frame, began.started)
+
+    def _released(self, args: tuple[Any, ...], kwargs: dict[str, Any], frame: FrameType
+                  ) -> None:
+        proxy = args[1] if len(args) > 1 else kwargs.get("connection")
+        connection = getattr(proxy, "_con", None)
+        if connection is None:
+            return
+        with self.core.lock:
+            held = self._held.pop(id(connection), None)
+        if held is not None:
+            self.core.checkin(held, frame)
 
 
 # -- shrinking ----------------------------------------------------------------------------

@@ -279,6 +279,10 @@ class HttpxWatch:
             stats.size = limit if isinstance(limit, int) else 0
             stats.enter()
         sent.token = _http_call.set(sent.record)
+        # A DB connection the same request holds idle now awaits this call.
+        url = request.url
+        core.outbound(request_info(), f"{request.method} {url.scheme}://"
+                      f"{url.netloc.decode('ascii')}{url.path}")
         return sent
 
     def _judge_timeout(self, sent: _Sent) -> None:
@@ -320,12 +324,17 @@ class HttpxWatch:
     def _leave(self, sent: _Sent) -> None:
         core, stats, request = self.core, sent.stats, sent.request
         wait_ms = sent.record.wait_s * 1000.0
+        now = real.perf_counter()
         # The request's audit (issue 10): the call's pool wait, its io, its host.
-        audit.http_call(request.url.host, sent.started, real.perf_counter(), sent.record.wait_s)
+        audit.http_call(request.url.host, sent.started, now, sent.record.wait_s)
+        # The connection served the request from the end of the wait until the response
+        # head arrived (httpx reads a plain call's body right after, on the same connection).
+        work = max(now - sent.started - sent.record.wait_s, 0.0)
         with core.lock:
             stats.in_use -= 1
             stats.waits_ms.append(wait_ms)
-        if wait_ms <= core.threshold_ms:
+            stats.work_s += work
+        if wait_ms <= core.slot_wait_ms:
             return
         info = request_info()
         if info is None:
@@ -333,8 +342,8 @@ class HttpxWatch:
         core.record(
             "pool-exhaustion",
             f"{info.request} waited {wait_ms:.0f} ms for a connection of an httpx pool of "
-            f"{stats.size} to call {request.method} {request.url} (threshold "
-            f"{core.threshold_ms:g} ms). {POOL_HELP} See {DOCS}pool-exhaustion",
+            f"{stats.size} to call {request.method} {request.url} {core.wait_bound()}. "
+            f"{POOL_HELP} See {DOCS}pool-exhaustion",
             location=caller_location(sent.frame), request=info.request, duration_ms=wait_ms,
             call=f"httpx {request.url.host}", frame=sent.frame,
         )

@@ -22,6 +22,7 @@ from .. import audit, patching
 from ..clock import real
 from .common import (
     CheckedOut,
+    Held,
     HookGuard,
     Stats,
     WatchCore,
@@ -39,6 +40,7 @@ LIBRARY = "sqlalchemy"
 CONNECT = "sqlalchemy Pool.connect"
 CREATE = "sqlalchemy Pool._create_connection"
 CHECKIN = "sqlalchemy checkin event"
+QUERY = "sqlalchemy cursor events"
 
 # Time spent opening new DBAPI connections inside the Pool.connect being measured.
 _opening: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
@@ -50,15 +52,23 @@ def _add_opening(opening: list[float], started: float) -> None:
     opening[0] += real.perf_counter() - started
 
 
-class _Connect:
-    __slots__ = ("frame", "opening", "started", "stats", "token")
+def _major() -> int:
+    import sqlalchemy
 
-    def __init__(self, stats: Stats, frame: FrameType) -> None:
+    return int(str(sqlalchemy.__version__).split(".")[0])
+
+
+class _Connect:
+    __slots__ = ("frame", "opening", "preempted", "started", "stats", "token", "wait")
+
+    def __init__(self, stats: Stats, frame: FrameType, core: WatchCore) -> None:
         self.stats = stats
         self.frame = frame
         self.opening = [0.0]
         self.token = _opening.set(self.opening)
         self.started = real.perf_counter()
+        self.wait = core.wait_begin(stats, self.started)
+        self.preempted = 0.0
 
     def forget(self) -> None:
         with contextlib.suppress(Exception):
@@ -74,6 +84,7 @@ class SqlalchemyWatch:
     def __init__(self, core: WatchCore) -> None:
         self.core = core
         self._out: dict[int, CheckedOut] = {}  # id(connection record) -> where
+        self._held: dict[int, Held] = {}  # id(connection record) -> its checkout
         self._events: list[tuple[Any, str, Callable[..., Any]]] = []
 
     def install(self) -> None:
@@ -98,9 +109,11 @@ class SqlalchemyWatch:
                 fairy = link.next(*args, **kwargs)
             except BaseException as exc:
                 began.forget()
+                hooks.safely(LIBRARY, CONNECT, pool, watch._wait_over, began)
                 hooks.safely(LIBRARY, CONNECT, pool, watch._failed, began, exc)
                 raise
             began.forget()
+            hooks.safely(LIBRARY, CONNECT, pool, watch._wait_over, began)
             hooks.safely(LIBRARY, CONNECT, pool, watch._connected, pool, began, fairy)
             return fairy
 
@@ -126,6 +139,38 @@ class SqlalchemyWatch:
 
         event.listen(Pool, "checkin", on_checkin)
         self._events.append((Pool, "checkin", on_checkin))
+
+        # A query runs on a checked-out connection between these two events (for an async
+        # engine too: they fire in the greenlet around the awaited driver call).
+        def before_cursor_execute(conn: Any, *args: Any) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                hooks.safely(LIBRARY, QUERY, None, watch._query_began, conn)
+
+        def after_cursor_execute(conn: Any, *args: Any) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                hooks.safely(LIBRARY, QUERY, None, watch._query_ended, conn)
+
+        def handle_error(context: Any) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                conn = getattr(context, "connection", None)
+                hooks.safely(LIBRARY, QUERY, None, watch._query_ended, conn)
+
+        # The pool resets (rolls back) a connection on its way back: work, up to checkin.
+        def on_reset(dbapi_connection: Any, record: Any, reset_state: Any = None) -> None:
+            if watch._held and not hooks.disabled(QUERY):
+                hooks.safely(LIBRARY, QUERY, None, watch._reset_began, record)
+
+        def on_reset_1x(dbapi_connection: Any, record: Any) -> None:  # SQLAlchemy 1.x
+            on_reset(dbapi_connection, record)
+
+        reset = on_reset if _major() >= 2 else on_reset_1x
+        event.listen(Pool, "reset", reset)
+        self._events.append((Pool, "reset", reset))
+        for name, fn in (("before_cursor_execute", before_cursor_execute),
+                         ("after_cursor_execute", after_cursor_execute),
+                         ("handle_error", handle_error)):
+            event.listen(Engine, name, fn)
+            self._events.append((Engine, name, fn))
         core.patches.undo("checkin listener", self._remove_events, target="sqlalchemy Pool")
         core.watch_init(Engine, LIBRARY, "SQLAlchemy engine")
 
@@ -150,10 +195,14 @@ class SqlalchemyWatch:
         overflow = getattr(pool, "_max_overflow", 0)
         if callable(size):
             stats.size = int(size()) + max(int(overflow), 0)
-        return _Connect(stats, frame)
+        return _Connect(stats, frame, self.core)
+
+    def _wait_over(self, began: _Connect) -> None:
+        began.preempted = self.core.wait_end(began.stats, began.wait, began.wait_ms())
 
     def _failed(self, began: _Connect, exc: BaseException) -> None:
         from sqlalchemy import exc as sa_exc
+
 
         if not isinstance(exc, sa_exc.TimeoutError):
             return
@@ -173,6 +222,10 @@ class SqlalchemyWatch:
         info = request_info()
         record = getattr(fairy, "_connection_record", None)
         location = caller_location(began.frame) if record is not None else None
+        if record is not None and location is not None:
+            held = core.checkout(stats, info, location)
+            with core.lock:
+                self._held[id(record)] = held
         with core.lock:
             stats.waits_ms.append(wait_ms)
             checked = getattr(pool, "checkedout", None)
@@ -184,12 +237,35 @@ class SqlalchemyWatch:
                     pool=stats.name, request=None if info is None else info.request,
                     location=location, since=real.perf_counter(), by_request=armed_by(info),
                 )
-        if wait_ms > core.threshold_ms:
-            core.pool_wait(stats, wait_ms, began.frame, timed_out=False)
+        core.plain_wait(stats, wait_ms, began.preempted, began.frame, began.started)
 
     def _checked_in(self, record: Any) -> None:
         with self.core.lock:
             self._out.pop(id(record), None)
+            held = self._held.pop(id(record), None)
+        if held is not None:
+            self.core.checkin(held, sys._getframe(2))
+
+    def _held_by(self, conn: Any) -> Held | None:
+        """The checkout a SQLAlchemy ``Connection`` runs on (None when not watched)."""
+        fairy = getattr(conn, "_dbapi_connection", None)
+        record = getattr(fairy, "_connection_record", None)
+        return None if record is None else self._held.get(id(record))
+
+    def _query_began(self, conn: Any) -> None:
+        held = self._held_by(conn)
+        if held is not None:
+            self.core.work_begin(held, sys._getframe(2))
+
+    def _reset_began(self, record: Any) -> None:
+        held = self._held.get(id(record))
+        if held is not None and held.depth == 0:
+            self.core.work_begin(held, None)
+
+    def _query_ended(self, conn: Any) -> None:
+        held = self._held_by(conn)
+        if held is not None:
+            self.core.work_end(held)
 
 
 # -- shrinking ----------------------------------------------------------------------------

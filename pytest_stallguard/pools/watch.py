@@ -1,8 +1,9 @@
 """PoolWatch: arms every library watcher while a guard runs and answers the leak check.
 
 Findings: ``threadpool-saturation`` (a request waited longer than the threshold for a
-worker thread of anyio's limiter or asyncio's default executor), ``pool-exhaustion`` (a
-wait for a SQLAlchemy, httpx or asyncpg slot over the threshold, or a pool timeout),
+worker thread of anyio's limiter or asyncio's default executor), ``pool-exhaustion`` (for
+a SQLAlchemy, httpx or asyncpg slot: a pool timeout, requests queued behind a connection
+held idle, or a wait over ``pool_wait_ms``, over a built-in bound when it is not set),
 ``client-per-request`` (an httpx client, SQLAlchemy engine or asyncpg pool created while
 serving a request). The library modules do the watching.
 """
@@ -34,11 +35,14 @@ class PoolWatch(WatchCore):
     ``guard_`` defaults to :func:`guard.active` at the time of each finding. SQLAlchemy
     and asyncpg are watched from ``start()`` if the app imported them, else from the moment
     it imports them (:meth:`patching.Patches.when_imported`), until ``stop()``.
+    ``threshold_ms`` bounds waits (the guard's threshold when None); with
+    ``wait_set=False`` it was not the user's word, and plain waits for a DB or HTTP slot
+    use the built-in ``DEFAULT_SLOT_WAIT_MS`` instead.
     """
 
-    def __init__(self, guard_: guard.Guard | None = None, *, threshold_ms: float | None = None
-                 ) -> None:
-        super().__init__(guard_, threshold_ms=threshold_ms)
+    def __init__(self, guard_: guard.Guard | None = None, *, threshold_ms: float | None = None,
+                 wait_set: bool = True) -> None:
+        super().__init__(guard_, threshold_ms=threshold_ms, wait_set=wait_set)
         self._threads = ThreadWatch(self)
         self._executor = ExecutorWatch(self)
         self._httpx = HttpxWatch(self)
@@ -84,6 +88,7 @@ class PoolWatch(WatchCore):
     def stop(self) -> None:
         self.on = False
         self.patches.restore()
+        self.close_run_queues()
 
     def __enter__(self) -> PoolWatch:
         return self.start()

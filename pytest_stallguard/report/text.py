@@ -127,7 +127,7 @@ def _pool_lines(pools: list[dict[str, Any]]) -> list[str]:
             out.append(
                 f"  pool {p['name']} ({kind}, size {p['size']}): max in use "
                 f"{p['max_in_use']}, wait p95 {p['wait_p95_ms']:.1f} ms, max "
-                f"{p['wait_max_ms']:.1f} ms, timeouts {p['timeouts']}"
+                f"{p['wait_max_ms']:.1f} ms, timeouts {p['timeouts']}{_held(p)}"
             )
             continue
         once = sum(1 for p in members if p["max_in_use"] <= 1)
@@ -138,6 +138,18 @@ def _pool_lines(pools: list[dict[str, Any]]) -> list[str]:
             f"timeouts {sum(p['timeouts'] for p in members)}"
         )
     return out
+
+
+def _held(pool: dict[str, Any]) -> str:
+    """Where the connections' time went: waiting for one, working, held idle (records
+    from older workers may lack the fields)."""
+    if "wait_total_ms" not in pool:
+        return ""
+    text = f"; wait total {pool['wait_total_ms']:.0f} ms"
+    work, idle = pool.get("work_total_ms", 0.0), pool.get("idle_held_total_ms", 0.0)
+    if work or idle:
+        text += f", held working {work:.0f} ms / idle held {idle:.0f} ms"
+    return text
 
 
 def totals(records: Iterable[TestRecord]) -> str:
