@@ -15,14 +15,26 @@ the context at the end of the step does not know the request.
 
 GIL starvation ("CPU work moved to a thread"): when neither the loop nor the watchdog ran
 for more than twice the threshold (pure Python in a thread gives the GIL up every 5 ms; a
-long C call holding it does not) and the process burned CPU the whole time (so it was not
-descheduled by other processes), the other threads' stacks are sampled; a thread running
-user code is recorded as a loop-stall with ``call="gil"``.
+long C call holding it does not) and the process burned CPU the whole time, the other
+threads' stacks are sampled. Being late is no evidence by itself: threads doing C work that
+releases the GIL (argon2, bcrypt, hashlib, zlib) keep the CPUs busy and the watchdog waits
+for a CPU, not for the GIL. So the watchdog reads its own schedstat run-queue wait before
+sleeping and after waking (:func:`gil_evidence`): only the lateness it did *not* spend
+waiting for a CPU was spent waiting for the GIL, and only when that exceeds twice the
+threshold is a thread running user code recorded as a loop-stall with ``call="gil"``; the
+message gives the split. That wait alone is no proof either when several threads are in user
+code (the GIL goes round among many threads, and one preempted while it holds the GIL makes
+all wait): they are then looked at for a few ms (:func:`_threads_together`), and threads
+running, or waiting for a CPU, side by side release the GIL: not reported. Without
+``/proc`` schedstat the lateness is blamed as before and the message says that CPU
+contention could not be ruled out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 import threading
 import time
@@ -110,6 +122,7 @@ class Watchdog:
         self.watch = watch
         self.thread: threading.Thread | None = None
         self._stopping = False
+        self._rq_fd = -1  # the watchdog thread's own schedstat (watchdog thread only)
 
     def start(self) -> None:
         if self.thread is not None:
@@ -140,9 +153,38 @@ class Watchdog:
             )
 
     def _watch(self, interval: float) -> None:
+        # Our own run-queue wait (waiting for a CPU), to tell it from waiting for the GIL.
+        # -2: to open (in the loop, when no step runs: opening releases the GIL)
+        self._rq_fd = -2 if self.watch.gil else -1
+        try:
+            self._watch_loop(interval)
+        finally:
+            fd, self._rq_fd = self._rq_fd, -1
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _watch_loop(self, interval: float) -> None:
         watch = self.watch
         sample_after = watch._sample_after_s
+        rq0 = -1  # our run-queue wait (ns) before the sleep, -1 unknown
         while not self._stopping:
+            # Before taking the time: reading /proc releases the GIL, and taking it back
+            # may wait; that wait is not the sleep's lateness. Not while a loop runs a step
+            # (as for the loop's own readings): the step could run to its end unsampled.
+            # The last reading is kept instead; being older, it can only count more of the
+            # lateness as waiting for a CPU, never less.
+            if self._rq_fd != -1 and not any(st.start for st in list(watch._mine.values())):
+                released = real.perf_counter()
+                if self._rq_fd == -2:
+                    self._rq_fd = discount.open_schedstat(threading.get_native_id())
+                if self._rq_fd >= 0:
+                    rq0 = discount.run_queue_ns(self._rq_fd)  # releases the GIL
+                back = real.perf_counter()
+                if back - released > sample_after:
+                    # Got the GIL back late: a step (a C call holding the GIL) may be
+                    # about to end: sample it now, as on a late wake.
+                    self._sample_due(list(watch._mine.values()), back, True, set())
             asked = real.perf_counter()
             cpu0 = _cpu.process_time()
             real.sleep(interval)
@@ -163,7 +205,7 @@ class Watchdog:
                 # that held the GIL would run on meanwhile.
                 cpu = _cpu.process_time() - cpu0
                 if cpu >= 0.8 * (now - asked):
-                    self._gil_check(starved)
+                    self._gil_check(starved, now - asked - interval, rq0)
             released = real.perf_counter()
             for st in states:
                 if st.rq_fd == -2:
@@ -204,36 +246,161 @@ class Watchdog:
             idle_since = max(idle_since, st.end)
         return idle_since
 
-    def _gil_check(self, starved: float) -> None:
-        """Nothing ran on the loop for ``starved`` seconds while the process burned CPU:
-        name the thread that held the GIL if it is running user code."""
+    def _gil_check(self, starved: float, late: float = 0.0, rq0: int = -1) -> None:
+        """Nothing ran on the loop for ``starved`` seconds while the process burned CPU and
+        the watchdog woke ``late`` seconds late: name the thread that held the GIL if it is
+        running user code and the lateness was not waiting for a CPU (``rq0``: our
+        run-queue wait before the sleep, ns, -1 unknown)."""
         me = threading.get_ident()
         loops = {st.thread for st in list(self.watch._mine.values())}
         g = guard.active()
         if g is None:
             return
+        found: Location | None = None
+        others: list[int] = []  # idents of the threads in user code
+        frame: FrameType | None = None
+        # The holder's stack first, before reading /proc releases the GIL and it runs on.
         for ident, frame in sys._current_frames().items():
             if ident == me or ident in loops:
                 continue
             loc = user_location(frame)
             if loc[0] is None or not _has_user_frame(frame):
                 continue
-            file, line, function = loc
-            message = (
-                f"A worker thread held the GIL for {starved * 1000.0:.1f} ms at {file}:{line} "
-                f"({function}): the event loop could not run meanwhile ({GIL_ADVICE}). "
-                f"See {DOCS}loop-stall"
-            )
-            self.watch.stalls += 1
-            g.record(
-                "loop-stall",
-                message,
-                location=loc,
-                request=None,
-                duration_ms=starved * 1000.0,
-                call="gil",
-            )
+            if found is None:
+                found = loc
+            others.append(ident)
+        del frame
+        if found is None:
             return
+        cpu_wait: float | None = None
+        together: float | None = None
+        fd = self._rq_fd
+        if rq0 >= 0 and fd >= 0:
+            rq1 = discount.run_queue_ns(fd)  # releases the GIL: after the stacks
+            if rq1 >= 0:
+                cpu_wait = max(rq1 - rq0, 0) / 1e9
+            if len(others) > 1 and cpu_wait is not None:
+                together = _threads_together(others[:_MAX_LOOKED_AT], self.watch._threshold_s)
+        file, line, function = found
+        blame, gil_s, evidence = gil_evidence(
+            starved, max(late, starved), cpu_wait, self.watch._threshold_s, together
+        )
+        if not blame:
+            return
+        message = (
+            f"A worker thread held the GIL for {gil_s * 1000.0:.1f} ms at {file}:{line} "
+            f"({function}): the event loop could not run meanwhile ({evidence}; "
+            f"{GIL_ADVICE}). See {DOCS}loop-stall"
+        )
+        self.watch.stalls += 1
+        g.record(
+            "loop-stall",
+            message,
+            location=found,
+            request=None,
+            duration_ms=gil_s * 1000.0,
+            call="gil",
+        )
+
+
+_MAX_LOOKED_AT = 64
+# Threads that need the GIL to run take turns: together they run (or wait for a CPU) about
+# one thread at a time. Threads that release it run side by side.
+_TOGETHER = 2.0
+
+
+def _schedstat_pair(fd: int) -> tuple[float, int, int] | None:
+    """(when, ns on a CPU, ns waiting for one) of a thread's open schedstat, or None."""
+    try:
+        when = real.perf_counter()  # the read runs as soon as the GIL is released
+        fields = os.pread(fd, 128, 0).split()
+        return when, int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _threads_together(idents: list[int], threshold: float) -> float | None:
+    """Watchdog: how many of the threads ``idents`` ran or waited for a CPU at the same
+    time, on average over a short look (a few ms); None when it cannot be measured.
+
+    A thread waiting for the GIL sleeps on a lock: threads that hold the GIL to run take
+    turns (about 1), threads doing C work that releases it run side by side (up to their
+    number, whether or not a CPU is free for each: waiting for one counts). Each thread's
+    rate is taken between its own two readings (every read releases the GIL, and taking
+    it back from threads that hold it takes a while)."""
+    native = {t.ident: t.native_id for t in threading.enumerate()}
+    fds: list[int] = []
+    try:
+        for ident in idents:
+            tid = native.get(ident)
+            if tid is None:
+                continue
+            with contextlib.suppress(OSError):
+                fds.append(os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY))
+        if len(fds) < 2:
+            return None
+        before = [_schedstat_pair(fd) for fd in fds]
+        real.sleep(min(max(threshold / 2.0, 0.005), 0.020))
+        after = [_schedstat_pair(fd) for fd in fds]
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    total = 0.0
+    seen = 0
+    for b, a in zip(before, after, strict=True):
+        if a is None or b is None or a[0] <= b[0]:
+            continue  # the thread ended meanwhile
+        seen += 1
+        busy = max(a[1] - b[1], 0) + max(a[2] - b[2], 0)
+        total += min(busy / 1e9 / (a[0] - b[0]), 1.0)
+    return total if seen >= 2 else None
+
+
+def gil_evidence(
+    starved: float,
+    late: float,
+    cpu_wait: float | None,
+    threshold: float,
+    together: float | None = None,
+) -> tuple[bool, float, str]:
+    """Whether a thread held the GIL, from the watchdog's own readings (seconds):
+
+    * ``starved``: how long neither the loop nor the watchdog ran;
+    * ``late``: how late the watchdog woke (at least ``starved``);
+    * ``cpu_wait``: the growth of the watchdog's schedstat run-queue wait over its sleep
+      (waiting for a CPU: other threads and processes), None when unreadable;
+    * ``together``: with several threads in user code, how many of them ran (or waited for
+      a CPU) at the same time right after (:func:`_threads_together`), None if not
+      measured.
+
+    A thread waiting for the GIL sleeps on a lock, so its run-queue wait does not grow: the
+    lateness that was not run-queue wait is the GIL wait. Threads that run side by side do
+    not need the GIL for their work: the GIL went round among them and the threads waiting
+    for a CPU, none held it. Returns (blame the GIL, the GIL wait to report, the evidence
+    in words)."""
+    if cpu_wait is None:
+        return (
+            starved > 2.0 * threshold,
+            starved,
+            f"the watchdog woke {late * 1000.0:.1f} ms late; CPU contention could not be "
+            f"ruled out (no /proc schedstat here)",
+        )
+    cpu_wait = min(max(cpu_wait, 0.0), late)
+    gil = min(starved, late - cpu_wait)
+    evidence = (
+        f"the watchdog woke {late * 1000.0:.1f} ms late, of which {cpu_wait * 1000.0:.1f} ms "
+        f"waiting for a CPU (other threads and processes) and {gil * 1000.0:.1f} ms waiting "
+        f"for the GIL held by that thread"
+    )
+    if together is not None:
+        if together >= _TOGETHER:
+            return False, gil, (
+                f"{evidence}; but the threads in user code ran side by side "
+                f"({together:.1f} at a time): they release the GIL"
+            )
+        evidence += f"; the threads in user code ran one at a time ({together:.1f} at a time)"
+    return gil > 2.0 * threshold, gil, evidence
 
 
 def sample(st: LoopState, start: float, seq: int) -> None:
