@@ -110,6 +110,32 @@ def add_app(app: object) -> None:
                     stack.append(sub)
 
 
+def is_plugin_file(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_PLUGIN_DIR)
+
+
+def library_path(filename: str) -> str:
+    """A library file as its import path names it (``json/encoder.py``,
+    ``starlette/routing.py``): relative to the stdlib or site-packages directory it is in;
+    else as :func:`relative` names it."""
+    path = os.path.abspath(filename)
+    if is_user_file(filename):
+        return relative(filename)
+    best = ""
+    for key in ("purelib", "platlib", "stdlib", "platstdlib"):
+        base = sysconfig.get_paths().get(key)
+        if base:
+            base = os.path.abspath(base) + os.sep
+            if path.startswith(base) and len(base) > len(best):
+                best = base
+    if not best:
+        marker = os.sep + "site-packages" + os.sep
+        if marker in path:
+            return path.split(marker, 1)[1].replace(os.sep, "/")
+        return relative(filename)
+    return os.path.relpath(path, best).replace(os.sep, "/")
+
+
 def relative(filename: str) -> str:
     path = os.path.abspath(filename)
     for package, installed_in in _app_dirs.items():

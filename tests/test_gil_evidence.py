@@ -1,15 +1,13 @@
 """``call="gil"`` needs evidence that a thread held the GIL, not only a late watchdog.
 
 C work that releases the GIL (hashlib, zlib, argon2, bcrypt) in worker threads keeps the
-CPUs busy: on a loaded machine the watchdog wakes late because it waits for a CPU, and the
-worker is in user code when it looks. That is CPU contention, not a thread holding the
-GIL."""
+CPUs busy: on a loaded machine the loop waits for a CPU, or for a GIL held by a thread the
+OS preempted for a moment, and the workers are in user code when it looks. That is CPU
+contention, not a thread holding the GIL. Threads running Python code one at a time are."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -19,97 +17,83 @@ import pytest
 
 from pytest_stallguard.clock import real
 from pytest_stallguard.loopwatch import watchdog
-from pytest_stallguard.loopwatch.watchdog import gil_evidence
+from pytest_stallguard.loopwatch.watchdog import Look, holder
 
-THRESHOLD = 0.020
+# -- the decision, from the looks at the threads ---------------------------------------------
 
-
-# -- the decision, from the watchdog's own readings ------------------------------------------
-
-
-def test_lateness_spent_waiting_for_a_cpu_is_not_the_gil() -> None:
-    # woke 300 ms late, 280 ms of it in the run queue: 20 ms on the GIL, under 2x threshold
-    blame, gil, evidence = gil_evidence(0.300, 0.300, 0.280, THRESHOLD)
-    assert not blame
-    assert gil == pytest.approx(0.020)
-    assert "woke 300.0 ms late, of which 280.0 ms waiting for a CPU" in evidence
-    assert "20.0 ms waiting for the GIL" in evidence
+MS = 1_000_000  # ns
 
 
-def test_lateness_not_spent_waiting_for_a_cpu_is_the_gil() -> None:
-    # the same lateness with 50 ms in the run queue: 250 ms waiting for the GIL
-    blame, gil, evidence = gil_evidence(0.300, 0.300, 0.050, THRESHOLD)
-    assert blame
-    assert gil == pytest.approx(0.250)
-    assert evidence == (
-        "the watchdog woke 300.0 ms late, of which 50.0 ms waiting for a CPU (other threads "
-        "and processes) and 250.0 ms waiting for the GIL held by that thread"
-    )
+def look(t: float, **threads: tuple[int, int, int]) -> Look:
+    """Thread name (a number as 't1') -> (CPU ms, frame id, lasti)."""
+    return Look(t, {int(k[1:]): (cpu * MS, f, i) for k, (cpu, f, i) in threads.items()})
 
 
-def test_gil_wait_is_at_most_the_starved_time_and_readings_are_clamped() -> None:
-    # the loop ran until 100 ms before the wake: at most those 100 ms are blamed
-    blame, gil, _ = gil_evidence(0.100, 0.300, 0.0, THRESHOLD)
-    assert blame and gil == pytest.approx(0.100)
-    # a run-queue growth larger than the lateness (it includes the read itself): no GIL
-    blame, gil, evidence = gil_evidence(0.300, 0.300, 0.500, THRESHOLD)
-    assert not blame and gil == 0.0
-    assert "of which 300.0 ms waiting for a CPU" in evidence
+def test_threads_running_python_one_at_a_time_held_the_gil() -> None:
+    # two threads ran Python (their frames moved on), 60 ms together in a 100 ms window
+    before = look(0.0, t1=(0, 1, 10), t2=(0, 2, 10))
+    after = look(0.100, t1=(40, 1, 22), t2=(20, 3, 10))
+    found = holder(before, after, set(), waited=0.080)
+    assert found is not None
+    ident, evidence = found
+    assert ident == 1
+    assert evidence.startswith("2 thread(s) ran Python code (their frames moved on), 60.0 ms")
+    assert "this one 40.0 ms" in evidence
 
 
-def test_without_schedstat_the_lateness_is_blamed_and_the_doubt_said() -> None:
-    blame, gil, evidence = gil_evidence(0.300, 0.320, None, THRESHOLD)
-    assert blame and gil == pytest.approx(0.300)
-    assert "woke 320.0 ms late" in evidence
-    assert "CPU contention could not be ruled out" in evidence
-    blame, _, _ = gil_evidence(0.030, 0.030, None, THRESHOLD)
-    assert not blame
+def test_threads_inside_c_calls_running_side_by_side_are_no_evidence() -> None:
+    # hashing threads: inside the same call at both looks, running side by side
+    before = look(0.0, t1=(0, 1, 10), t2=(0, 2, 10), t3=(0, 3, 10))
+    after = look(0.100, t1=(60, 1, 10), t2=(55, 2, 10), t3=(50, 3, 10))
+    assert holder(before, after, set(), waited=0.080) is None
+    # one of them finished and moved on: still side by side with the others
+    after = look(0.100, t1=(60, 9, 4), t2=(55, 2, 10), t3=(50, 3, 10))
+    assert holder(before, after, set(), waited=0.080) is None
 
 
-def test_threads_running_side_by_side_do_not_hold_the_gil() -> None:
-    # 250 ms not spent waiting for a CPU, but the threads in user code ran 2.6 at a time
-    blame, gil, evidence = gil_evidence(0.300, 0.300, 0.050, THRESHOLD, together=2.6)
-    assert not blame
-    assert "ran side by side (2.6 at a time): they release the GIL" in evidence
-    blame, gil, evidence = gil_evidence(0.300, 0.300, 0.050, THRESHOLD, together=1.1)
-    assert blame and gil == pytest.approx(0.250)
-    assert "ran one at a time (1.1 at a time)" in evidence
+def test_one_thread_inside_one_call_must_run_nearly_all_the_wait() -> None:
+    before = look(0.0, t1=(0, 1, 10), t2=(0, 2, 10))
+    # a C call that keeps the GIL: it ran 90 of the 100 ms the loop waited, alone
+    found = holder(before, look(0.110, t1=(90, 1, 10), t2=(0, 2, 10)), set(), waited=0.100)
+    assert found is not None and found[0] == 1
+    assert "inside one call that kept the GIL" in found[1]
+    # a GIL-releasing call that got a small share of a loaded CPU: no evidence
+    assert holder(before, look(0.110, t1=(30, 1, 10), t2=(0, 2, 10)), set(), 0.100) is None
 
 
-def _spin_python(stop: threading.Event) -> None:
-    while not stop.is_set():
-        sum(range(1000))
+def test_python_threads_that_ran_too_little_or_beside_more_are_no_evidence() -> None:
+    before = look(0.0, t1=(0, 1, 10), t2=(0, 2, 10))
+    # ran 10 ms of a 100 ms wait: it slept, the loop waited on something else
+    assert holder(before, look(0.120, t1=(10, 1, 30), t2=(0, 2, 10)), set(), 0.100) is None
+    # ran Python 40 ms, but a thread inside a C call ran 30 ms beside it
+    assert holder(before, look(0.120, t1=(40, 1, 30), t2=(30, 2, 10)), set(), 0.100) is None
+    # more CPU than one at a time can give: they did not take turns on the GIL
+    after = look(0.050, t1=(45, 1, 30), t2=(40, 3, 11))
+    assert holder(before, after, set(), 0.040) is None
+    # the skipped threads (the loops, the watchdog) are never the holder
+    assert holder(before, look(0.120, t1=(90, 1, 30), t2=(0, 2, 10)), {1}, 0.100) is None
 
 
-def _spin_pbkdf2(stop: threading.Event) -> None:
-    while not stop.is_set():
-        hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 20_000)
+@pytest.mark.skipif(not watchdog._HAS_THREAD_CLOCKS, reason="per-thread CPU clocks (Linux)")
+def test_take_look_reads_other_threads_cpu_without_their_ident_clock() -> None:
+    stop = threading.Event()
 
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc (Linux)")
-def test_threads_together_tells_gil_releasing_work_from_gil_holding_work() -> None:
-    """Measured on real threads: four threads hashing with hashlib (the GIL released) run
-    side by side, or wait for a CPU side by side on a loaded machine; four pure-Python
-    threads take turns on the GIL."""
-    measured = {}
-    for name, target in (("pbkdf2", _spin_pbkdf2), ("python", _spin_python)):
-        stop = threading.Event()
-        threads = [threading.Thread(target=target, args=(stop,)) for _ in range(4)]
-        for t in threads:
-            t.start()
-        try:
-            real.sleep(0.05)
-            idents = [t.ident for t in threads if t.ident is not None]
-            looks = [watchdog._threads_together(idents, 0.040) for _ in range(5)]
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=10)
-        assert all(v is not None for v in looks), looks
-        measured[name] = sorted(v for v in looks if v is not None)[2]  # the median
-    assert measured["pbkdf2"] >= 1.5 * measured["python"], measured
-    assert measured["pbkdf2"] >= watchdog._TOGETHER, measured
-    assert measured["python"] < watchdog._TOGETHER, measured
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        first = watchdog.take_look(sys._current_frames(), {}, threading.get_ident())
+        real.sleep(0.05)
+        second = watchdog.take_look(sys._current_frames(), {}, threading.get_ident())
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert thread.ident is not None
+    assert threading.get_ident() not in first.threads
+    assert second.threads[thread.ident][0] > first.threads[thread.ident][0]
 
 
 # -- the clean twin: GIL-releasing C work in worker threads beside CPU burners ---------------
@@ -184,3 +168,76 @@ def test_gil_releasing_c_work_in_threads_beside_cpu_burners_is_not_the_gil(
     assert [t["nodeid"].split("::")[1] for t in report["tests"]] == ["test_logins[asyncio]"]
     # what the burst got back was checked in the inner test (statuses); it ran to its end
     result.assert_outcomes(**({"passed": 1} if not findings else {"failed": 1}))
+
+
+TP_APP = """
+import time
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+
+def mix(h, i):
+    return (h * 31 + i) & 0xFFFFFFFF  # MIX-LINE
+
+
+def crunch(ms):
+    # pure Python, 300 ms of this thread's CPU: it holds the GIL while it runs
+    deadline = time.thread_time() + ms / 1000.0
+    h = 0
+    while time.thread_time() < deadline:
+        for i in range(100):
+            h = mix(h, i)  # CRUNCH-LINE
+    return h
+
+
+def create_app():
+    app = FastAPI()
+
+    @app.get("/report")
+    async def report():
+        return {"n": await anyio.to_thread.run_sync(crunch, 300)}
+
+    return app
+"""
+
+
+def test_pure_python_threads_starving_the_loop_are_the_gil(pytester: pytest.Pytester) -> None:
+    """The true positive, in the same conditions as the clean twin: four requests run a
+    pure-Python loop in worker threads at once beside two CPU burners."""
+    pytester.makepyfile(myapp=TP_APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        import anyio
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def stall_app():
+            return create_app()
+
+        async def test_reports(stall_client):
+            async with anyio.create_task_group() as tg:
+                for _ in range(4):
+                    tg.start_soon(stall_client.get, "/report")
+        """
+    )
+    burners = _burners(2)
+    try:
+        result = pytester.runpytest("-p", "no:asyncio", "--stall-report-json=r.json")
+    finally:
+        _stop(burners)
+    report = json.loads((pytester.path / "r.json").read_text())
+    gil = [f for t in report["tests"] for f in t["findings"] if f.get("call") == "gil"]
+    assert gil, report
+    written = (pytester.path / "myapp.py").read_text().splitlines()
+    expected = {
+        ("myapp.py", i, fn)
+        for i, text in enumerate(written, 1)
+        for fn, tag in (("mix", "MIX-LINE"), ("crunch", "CRUNCH-LINE"), ("crunch", "< deadline"))
+        if tag in text
+    }
+    assert {(f["file"], f["line"], f["function"]) for f in gil} <= expected, gil
+    assert all("ran Python code (their frames moved on)" in f["message"] for f in gil), gil
+    result.assert_outcomes(failed=1)

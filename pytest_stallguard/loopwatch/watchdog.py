@@ -13,21 +13,19 @@ Why sample the Context: a whole in-process request can run in ONE step that star
 ends in the test's code (httpx's ASGITransport calls the app inside the test's task), so
 the context at the end of the step does not know the request.
 
-GIL starvation ("CPU work moved to a thread"): when neither the loop nor the watchdog ran
-for more than twice the threshold (pure Python in a thread gives the GIL up every 5 ms; a
-long C call holding it does not) and the process burned CPU the whole time, the other
-threads' stacks are sampled. Being late is no evidence by itself: threads doing C work that
-releases the GIL (argon2, bcrypt, hashlib, zlib) keep the CPUs busy and the watchdog waits
-for a CPU, not for the GIL. So the watchdog reads its own schedstat run-queue wait before
-sleeping and after waking (:func:`gil_evidence`): only the lateness it did *not* spend
-waiting for a CPU was spent waiting for the GIL, and only when that exceeds twice the
-threshold is a thread running user code recorded as a loop-stall with ``call="gil"``; the
-message gives the split. That wait alone is no proof either when several threads are in user
-code (the GIL goes round among many threads, and one preempted while it holds the GIL makes
-all wait): they are then looked at for a few ms (:func:`_threads_together`), and threads
-running, or waiting for a CPU, side by side release the GIL: not reported. Without
-``/proc`` schedstat the lateness is blamed as before and the message says that CPU
-contention could not be ruled out.
+GIL starvation ("CPU work moved to a thread"): ``call="gil"`` only with evidence that a
+thread held the GIL. At every wake the watchdog takes a :class:`Look` at the other threads
+(CPU time from their per-thread clocks, where their innermost frame is; nothing that releases
+the GIL). Over a window in which the loop waited for the GIL (the idle loop and the watchdog
+both starved past twice the threshold, less the watchdog's own run-queue wait; or a long step
+in which the loop thread neither ran nor waited for a CPU, judged by :mod:`.watch`),
+:func:`holder` names the thread that held it: threads whose frame moved on ran bytecode,
+which needs the GIL, one at a time, with no thread inside a C call running beside them; or
+the only thread that ran, inside one call, nearly all the wait (a C call that keeps the
+GIL). Threads doing C work that releases the GIL (argon2, bcrypt, hashlib, zlib) stay inside
+their call and run side by side, or get too small a share of a loaded CPU: no evidence, no
+finding. The message gives the evidence. Without per-thread clocks or ``/proc`` schedstat
+(not Linux) there is no evidence and no ``gil`` finding.
 """
 
 from __future__ import annotations
@@ -43,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import context, guard, patching
 from ..clock import real
-from ..location import Location, is_user_file, relative, user_location
+from ..location import (
+    Location,
+    is_plugin_file,
+    is_user_file,
+    library_path,
+    relative,
+    user_location,
+)
 from ..model import DOCS
 from . import discount, steps
 
@@ -61,15 +66,18 @@ _ATTRIBUTED_NAME = "stallguard_attributed"
 
 
 class _Cpu:
-    """CPU time, captured at import (kept off module attributes, like clock.real)."""
+    """CPU-time clocks, captured at import (kept off module attributes, like clock.real)."""
 
-    __slots__ = ("process_time",)
+    __slots__ = ("clock_gettime_ns", "thread_time_ns")
 
     def __init__(self) -> None:
-        self.process_time = time.process_time
+        self.clock_gettime_ns = time.clock_gettime_ns
+        self.thread_time_ns = time.thread_time_ns
 
 
 _cpu = _Cpu()
+# Per-thread CPU clocks of other threads, read without releasing the GIL (Linux).
+_HAS_THREAD_CLOCKS = sys.platform.startswith("linux") and hasattr(time, "clock_gettime_ns")
 
 
 class Samples:
@@ -80,6 +88,7 @@ class Samples:
         "guard",
         "inside",
         "inside_n",
+        "library",
         "outside_after",
         "outside_before",
         "outside_n",
@@ -88,6 +97,8 @@ class Samples:
 
     def __init__(self) -> None:
         self.inside: Location | None = None  # deepest user frame inside a request (latest)
+        # no user frame on the stack: the innermost sampled frame outside the plugin
+        self.library: Location | None = None
         self.depth = -1
         # the request when the deepest location was seen (else the latest seen): the
         # response may be sent (label "background") before the step ends
@@ -123,6 +134,7 @@ class Watchdog:
         self.thread: threading.Thread | None = None
         self._stopping = False
         self._rq_fd = -1  # the watchdog thread's own schedstat (watchdog thread only)
+        self._clocks: dict[int, int] = {}  # thread ident -> its CPU clock (watchdog only)
 
     def start(self) -> None:
         if self.thread is not None:
@@ -185,8 +197,8 @@ class Watchdog:
                     # Got the GIL back late: a step (a C call holding the GIL) may be
                     # about to end: sample it now, as on a late wake.
                     self._sample_due(list(watch._mine.values()), back, True, set())
+            before = self.look()  # the baseline of the window this sleep opens
             asked = real.perf_counter()
-            cpu0 = _cpu.process_time()
             real.sleep(interval)
             now = real.perf_counter()
             states = list(watch._mine.values())
@@ -198,14 +210,11 @@ class Watchdog:
             late = now - asked - interval > sample_after
             idle_since = self._sample_due(states, now, late, sampled, asked + interval)
             starved = now - idle_since
-            if watch.gil and states and starved > 2 * watch._threshold_s:
-                # Neither the loop nor this thread ran for that long, and the process
-                # burned CPU the whole time (so it was not descheduled by other processes):
-                # another thread held the GIL. Checked before reading /proc too: the thread
-                # that held the GIL would run on meanwhile.
-                cpu = _cpu.process_time() - cpu0
-                if cpu >= 0.8 * (now - asked):
-                    self._gil_check(starved, now - asked - interval, rq0)
+            if before is not None and states and starved > 2 * watch._threshold_s:
+                # Neither the loop nor this thread ran for that long: maybe another thread
+                # held the GIL. Checked before reading /proc too: the thread that held the
+                # GIL would run on meanwhile.
+                self._gil_check(starved, now - asked - interval, rq0, before)
             released = real.perf_counter()
             for st in states:
                 if st.rq_fd == -2:
@@ -246,161 +255,205 @@ class Watchdog:
             idle_since = max(idle_since, st.end)
         return idle_since
 
-    def _gil_check(self, starved: float, late: float = 0.0, rq0: int = -1) -> None:
-        """Nothing ran on the loop for ``starved`` seconds while the process burned CPU and
-        the watchdog woke ``late`` seconds late: name the thread that held the GIL if it is
-        running user code and the lateness was not waiting for a CPU (``rq0``: our
-        run-queue wait before the sleep, ns, -1 unknown)."""
-        me = threading.get_ident()
-        loops = {st.thread for st in list(self.watch._mine.values())}
-        g = guard.active()
-        if g is None:
-            return
-        found: Location | None = None
-        others: list[int] = []  # idents of the threads in user code
-        frame: FrameType | None = None
-        # The holder's stack first, before reading /proc releases the GIL and it runs on.
-        for ident, frame in sys._current_frames().items():
-            if ident == me or ident in loops:
-                continue
-            loc = user_location(frame)
-            if loc[0] is None or not _has_user_frame(frame):
-                continue
-            if found is None:
-                found = loc
-            others.append(ident)
-        del frame
-        if found is None:
-            return
-        cpu_wait: float | None = None
-        together: float | None = None
-        fd = self._rq_fd
-        if rq0 >= 0 and fd >= 0:
-            rq1 = discount.run_queue_ns(fd)  # releases the GIL: after the stacks
-            if rq1 >= 0:
-                cpu_wait = max(rq1 - rq0, 0) / 1e9
-            if len(others) > 1 and cpu_wait is not None:
-                together = _threads_together(others[:_MAX_LOOKED_AT], self.watch._threshold_s)
-        file, line, function = found
-        blame, gil_s, evidence = gil_evidence(
-            starved, max(late, starved), cpu_wait, self.watch._threshold_s, together
-        )
-        if not blame:
-            return
-        message = (
-            f"A worker thread held the GIL for {gil_s * 1000.0:.1f} ms at {file}:{line} "
-            f"({function}): the event loop could not run meanwhile ({evidence}; "
-            f"{GIL_ADVICE}). See {DOCS}loop-stall"
-        )
-        self.watch.stalls += 1
-        g.record(
-            "loop-stall",
-            message,
-            location=found,
-            request=None,
-            duration_ms=gil_s * 1000.0,
-            call="gil",
-        )
-
-
-_MAX_LOOKED_AT = 64
-# Threads that need the GIL to run take turns: together they run (or wait for a CPU) about
-# one thread at a time. Threads that release it run side by side.
-_TOGETHER = 2.0
-
-
-def _schedstat_pair(fd: int) -> tuple[float, int, int] | None:
-    """(when, ns on a CPU, ns waiting for one) of a thread's open schedstat, or None."""
-    try:
-        when = real.perf_counter()  # the read runs as soon as the GIL is released
-        fields = os.pread(fd, 128, 0).split()
-        return when, int(fields[0]), int(fields[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _threads_together(idents: list[int], threshold: float) -> float | None:
-    """Watchdog: how many of the threads ``idents`` ran or waited for a CPU at the same
-    time, on average over a short look (a few ms); None when it cannot be measured.
-
-    A thread waiting for the GIL sleeps on a lock: threads that hold the GIL to run take
-    turns (about 1), threads doing C work that releases it run side by side (up to their
-    number, whether or not a CPU is free for each: waiting for one counts). Each thread's
-    rate is taken between its own two readings (every read releases the GIL, and taking
-    it back from threads that hold it takes a while)."""
-    native = {t.ident: t.native_id for t in threading.enumerate()}
-    fds: list[int] = []
-    try:
-        for ident in idents:
-            tid = native.get(ident)
-            if tid is None:
-                continue
-            with contextlib.suppress(OSError):
-                fds.append(os.open(f"/proc/self/task/{tid}/schedstat", os.O_RDONLY))
-        if len(fds) < 2:
+    def look(self) -> Look | None:
+        """Watchdog, at every wake: note each thread's CPU time and where its Python
+        frame is (:class:`Look`), the baseline for judging the next window (kept in the
+        watch's short history for the loop thread's own judgement of a long step). Nothing
+        here releases the GIL. None when only the loops and the watchdog run."""
+        watch = self.watch
+        if not watch.gil or not _HAS_THREAD_CLOCKS:
             return None
-        before = [_schedstat_pair(fd) for fd in fds]
-        real.sleep(min(max(threshold / 2.0, 0.005), 0.020))
-        after = [_schedstat_pair(fd) for fd in fds]
-    finally:
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    total = 0.0
-    seen = 0
-    for b, a in zip(before, after, strict=True):
-        if a is None or b is None or a[0] <= b[0]:
-            continue  # the thread ended meanwhile
-        seen += 1
-        busy = max(a[1] - b[1], 0) + max(a[2] - b[2], 0)
-        total += min(busy / 1e9 / (a[0] - b[0]), 1.0)
-    return total if seen >= 2 else None
+        frames = sys._current_frames()
+        try:
+            if len(frames) <= 1 + len(watch._mine):
+                return None  # only the loops and us: nobody else could hold the GIL
+            look = take_look(frames, self._clocks, threading.get_ident())
+        finally:
+            del frames
+        watch._looks.append(look)
+        return look
 
-
-def gil_evidence(
-    starved: float,
-    late: float,
-    cpu_wait: float | None,
-    threshold: float,
-    together: float | None = None,
-) -> tuple[bool, float, str]:
-    """Whether a thread held the GIL, from the watchdog's own readings (seconds):
-
-    * ``starved``: how long neither the loop nor the watchdog ran;
-    * ``late``: how late the watchdog woke (at least ``starved``);
-    * ``cpu_wait``: the growth of the watchdog's schedstat run-queue wait over its sleep
-      (waiting for a CPU: other threads and processes), None when unreadable;
-    * ``together``: with several threads in user code, how many of them ran (or waited for
-      a CPU) at the same time right after (:func:`_threads_together`), None if not
-      measured.
-
-    A thread waiting for the GIL sleeps on a lock, so its run-queue wait does not grow: the
-    lateness that was not run-queue wait is the GIL wait. Threads that run side by side do
-    not need the GIL for their work: the GIL went round among them and the threads waiting
-    for a CPU, none held it. Returns (blame the GIL, the GIL wait to report, the evidence
-    in words)."""
-    if cpu_wait is None:
-        return (
-            starved > 2.0 * threshold,
-            starved,
-            f"the watchdog woke {late * 1000.0:.1f} ms late; CPU contention could not be "
-            f"ruled out (no /proc schedstat here)",
+    def _gil_check(self, starved: float, late: float, rq0: int, before: Look | None) -> None:
+        """Nothing ran on the loop for ``starved`` seconds and the watchdog woke ``late``
+        seconds late: name the thread that held the GIL, if the evidence shows one
+        (:func:`holder`; ``rq0``: our run-queue wait before the sleep, ns, -1 unknown;
+        ``before``: the look taken before the sleep)."""
+        g = guard.active()
+        if g is None or before is None:
+            return
+        me = threading.get_ident()
+        skip = {me} | {st.thread for st in list(self.watch._mine.values())}
+        # Where the threads are and their CPU, first: reading /proc releases the GIL.
+        frames = sys._current_frames()
+        try:
+            after = take_look(frames, self._clocks, me)
+            fd = self._rq_fd
+            if rq0 < 0 or fd < 0:
+                return  # without our own run-queue wait, waiting for a CPU is not ruled out
+            rq1 = discount.run_queue_ns(fd)  # releases the GIL
+            if rq1 < 0:
+                return
+            cpu_wait = min(max(rq1 - rq0, 0) / 1e9, late)
+            waited = min(starved, late - cpu_wait)
+            if waited <= 2.0 * self.watch._threshold_s:
+                return
+            found = holder(before, after, skip, waited)
+            if found is None:
+                return
+            ident, evidence = found
+            frame = frames.get(ident)
+            if not has_user_frame(frame):
+                return
+            location = user_location(frame)
+        finally:
+            del frames
+        why = (
+            f"the watchdog woke {late * 1000.0:.1f} ms late, {cpu_wait * 1000.0:.1f} ms of it "
+            f"waiting for a CPU and {waited * 1000.0:.1f} ms for the GIL; {evidence}"
         )
-    cpu_wait = min(max(cpu_wait, 0.0), late)
-    gil = min(starved, late - cpu_wait)
-    evidence = (
-        f"the watchdog woke {late * 1000.0:.1f} ms late, of which {cpu_wait * 1000.0:.1f} ms "
-        f"waiting for a CPU (other threads and processes) and {gil * 1000.0:.1f} ms waiting "
-        f"for the GIL held by that thread"
+        record_gil(self.watch, g, waited, location, why, None)
+
+
+def record_gil(
+    watch: LoopWatch,
+    g: guard.Guard,
+    waited: float,
+    location: Location,
+    why: str,
+    request: str | None,
+) -> None:
+    """Record a ``call="gil"`` loop stall: a thread held the GIL for ``waited`` seconds at
+    ``location``, ``why`` being the evidence in words."""
+    file, line, function = location
+    message = (
+        f"A worker thread held the GIL for {waited * 1000.0:.1f} ms at {file}:{line} "
+        f"({function}): the event loop could not run meanwhile ({why}; "
+        f"{GIL_ADVICE}). See {DOCS}loop-stall"
     )
-    if together is not None:
-        if together >= _TOGETHER:
-            return False, gil, (
-                f"{evidence}; but the threads in user code ran side by side "
-                f"({together:.1f} at a time): they release the GIL"
+    watch.stalls += 1
+    g.record(
+        "loop-stall",
+        message,
+        location=location,
+        request=request,
+        duration_ms=waited * 1000.0,
+        call="gil",
+    )
+
+
+# -- evidence of a GIL holder ------------------------------------------------------------------
+
+
+class Look:
+    """Each thread's CPU time (ns) and where its innermost Python frame was (frame id,
+    instruction offset), at ``t`` (real.perf_counter): ident -> (cpu, frame id, lasti)."""
+
+    __slots__ = ("t", "threads")
+
+    def __init__(self, t: float, threads: dict[int, tuple[int, int, int]]) -> None:
+        self.t = t
+        self.threads = threads
+
+
+def _clock_of(native_id: int) -> int:
+    """The CPU-time clock of a thread of this process (Linux: MAKE_THREAD_CPUCLOCK(tid,
+    CPUCLOCK_SCHED)); reading it for a thread that has ended fails with EINVAL, never
+    touches freed memory (unlike pthread_getcpuclockid on a stale ident)."""
+    return ((~native_id) << 3) | 6
+
+
+def own_cpu_ns() -> int:
+    """The calling thread's CPU time (ns), on the clock :func:`take_look` reads."""
+    return _cpu.thread_time_ns()
+
+
+def _thread_cpu_ns(clock: int) -> int:
+    try:
+        return _cpu.clock_gettime_ns(clock)
+    except (OSError, ValueError, OverflowError):
+        return -1
+
+
+def take_look(frames: dict[int, FrameType], clocks: dict[int, int], me: int) -> Look:
+    """A :class:`Look` at the threads of ``frames`` (``sys._current_frames()``) but ``me``;
+    ``clocks`` caches ident -> CPU clock. Does not release the GIL."""
+    if not _HAS_THREAD_CLOCKS:
+        return Look(real.perf_counter(), {})
+    if any(ident not in clocks for ident in frames if ident != me):
+        clocks.clear()
+        for t in threading.enumerate():
+            if t.ident is not None and t.native_id is not None:
+                clocks[t.ident] = _clock_of(t.native_id)
+    threads: dict[int, tuple[int, int, int]] = {}
+    for ident, frame in frames.items():
+        clock = clocks.get(ident)
+        if ident == me or clock is None:
+            continue
+        cpu = _thread_cpu_ns(clock)
+        if cpu >= 0:
+            threads[ident] = (cpu, id(frame), frame.f_lasti)
+    return Look(real.perf_counter(), threads)
+
+
+# Threads running Python code ran at least this share of the time the loop waited for the
+# GIL (the rest they can have spent preempted while holding it); threads that stayed inside
+# a call ran at most _BESIDE of their CPU time meanwhile.
+_RAN = 0.25
+_BESIDE = 0.25
+# They take turns on the GIL: together at most about one CPU (with slack for the readings).
+_ONE_AT_A_TIME = 1.25
+# A thread that stayed inside one call held the GIL only if it ran nearly all the time the
+# loop waited, the only thread that ran: a C call that keeps the GIL runs on a CPU meanwhile.
+_RAN_IN_ONE_CALL = 0.8
+
+
+def holder(
+    before: Look, after: Look, skip: set[int], waited: float
+) -> tuple[int, str] | None:
+    """The thread that held the GIL between two looks while the loop waited ``waited``
+    seconds for it, and the evidence in words; None without evidence.
+
+    Bytecode needs the GIL: threads whose frame moved on ran Python code. They are the
+    holders when together they ran ``_RAN`` of the wait, at most one CPU's worth (they
+    take turns), and the threads that stayed inside a call (C work that releases the GIL:
+    hashing, compression) ran at most ``_BESIDE`` of that beside them. Else one thread that
+    stayed inside one call and was the only one to run, nearly all the wait: a C call that
+    keeps the GIL. Threads doing GIL-releasing C work side by side, or getting less than
+    that share of a CPU, are no evidence."""
+    movers: list[tuple[float, int]] = []
+    stayers: list[tuple[float, int]] = []
+    for ident, (cpu1, frame1, lasti1) in after.threads.items():
+        if ident in skip:
+            continue
+        old = before.threads.get(ident)
+        if old is None:
+            continue  # started within the window
+        cpu0, frame0, lasti0 = old
+        ran = max(cpu1 - cpu0, 0) / 1e9
+        if ran <= 0.0:
+            continue
+        moved = (frame1, lasti1) != (frame0, lasti0)
+        (movers if moved else stayers).append((ran, ident))
+    window = after.t - before.t
+    py = sum(m[0] for m in movers)
+    beside = sum(m[0] for m in stayers)
+    turns = py <= _ONE_AT_A_TIME * window
+    if movers and turns and py >= _RAN * waited and beside <= _BESIDE * py:
+        ran, ident = max(movers)
+        return ident, (
+            f"{len(movers)} thread(s) ran Python code (their frames moved on), "
+            f"{py * 1000.0:.1f} ms of CPU in the {window * 1000.0:.1f} ms window, one at "
+            f"a time; this one {ran * 1000.0:.1f} ms; threads inside C calls "
+            f"{beside * 1000.0:.1f} ms"
+        )
+    if stayers and not movers:
+        ran, ident = max(stayers)
+        if ran >= _RAN_IN_ONE_CALL * waited and beside - ran <= _BESIDE * ran:
+            return ident, (
+                f"it was the only thread that ran, {ran * 1000.0:.1f} ms of CPU in the "
+                f"{window * 1000.0:.1f} ms window, inside one call that kept the GIL"
             )
-        evidence += f"; the threads in user code ran one at a time ({together:.1f} at a time)"
-    return gil > 2.0 * threshold, gil, evidence
+    return None
 
 
 def sample(st: LoopState, start: float, seq: int) -> None:
@@ -415,6 +468,7 @@ def sample(st: LoopState, start: float, seq: int) -> None:
     info = context.info_of(ctx)
     after = real.perf_counter()
     loc, depth = walk(frame)
+    library = innermost_outside_plugin(frame) if loc is None else None
     del frame
     with st.lock:
         if st.start != start or st.seq != seq:
@@ -435,6 +489,8 @@ def sample(st: LoopState, start: float, seq: int) -> None:
                 samples.request = info.request
             elif samples.inside is None:
                 samples.request = info.request  # no location yet: the latest label
+                if library is not None:
+                    samples.library = library
         else:
             samples.outside_n += 1
             if not samples.inside_n:
@@ -520,7 +576,20 @@ def suspended(owner: Any) -> tuple[Location | None, bool]:
     return None, False
 
 
-def _has_user_frame(frame: FrameType | None) -> bool:
+def innermost_outside_plugin(frame: FrameType | None) -> Location | None:
+    """The innermost frame of a running step that is not the plugin's (stdlib or an
+    installed library: no user frame was on the stack), or None."""
+    while frame is not None:
+        code = frame.f_code
+        if _is_step_boundary(code) or _is_attributed(code):
+            return None
+        if not is_plugin_file(code.co_filename):
+            return library_path(code.co_filename), frame.f_lineno, code.co_name
+        frame = frame.f_back
+    return None
+
+
+def has_user_frame(frame: FrameType | None) -> bool:
     while frame is not None:
         if is_user_file(frame.f_code.co_filename):
             return True
