@@ -12,8 +12,12 @@ trapped calls). A long step is judged at its end, on the loop thread:
   the request's part of the step longer than the threshold;
 * one that was not sampled (a C call holding the GIL to the end of the step) is
   attributed by its context at the end of the step, located where its task is suspended
-  after it if that is inside the request (said so in the message); a frame outside the
-  request is never named.
+  after it if that is inside the request (said so in the message), else, for a plain
+  callback (not a task), at the callback's own definition; a frame outside the request is
+  never named.
+* a sampled step with no frame of the project's code on its stack (a stdlib or library
+  function run as a loop callback, an app installed as a package not known as such) is
+  located at the innermost sampled frame outside the plugin, named as library code.
 
 Steps are timed from the first step that starts after :meth:`LoopWatch.attach`: the step
 that calls ``attach()`` is already running and is not timed.
@@ -222,8 +226,13 @@ class LoopWatch:
                 note = " (where the request was suspended after the step: the stack could "
                 note += "not be sampled while it ran)"
             else:
-                note = " (the location could not be sampled: a C call held the GIL to the "
-                note += "end of the step)"
+                loc = watchdog.callback_location(owner)
+                if loc is not None:
+                    note = " (the callback the loop ran: the stack could not be sampled, a C "
+                    note += "call held the GIL to the end of the step)"
+                else:
+                    note = " (the location could not be sampled: a C call held the GIL to "
+                    note += "the end of the step)"
             request = info.request
         if request is None:
             return

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dis
 import os
 import sys
 import threading
@@ -345,14 +346,94 @@ def record_gil(
 
 
 class Look:
-    """Each thread's CPU time (ns) and where its innermost Python frame was (frame id,
-    instruction offset), at ``t`` (real.perf_counter): ident -> (cpu, frame id, lasti)."""
+    """Each thread's CPU time (ns) and where its innermost Python frame was, at ``t``
+    (real.perf_counter): ident -> (cpu, frame id, instruction offset, what it was doing:
+    one of :data:`PYTHON`, :data:`KEEPS`, :data:`RELEASES`, :data:`CALL`)."""
 
     __slots__ = ("t", "threads")
 
-    def __init__(self, t: float, threads: dict[int, tuple[int, int, int]]) -> None:
+    def __init__(self, t: float, threads: dict[int, tuple[int, int, int, str]]) -> None:
         self.t = t
         self.threads = threads
+
+
+# What a thread's innermost frame was doing when looked at:
+PYTHON = "python"  # stopped between bytecodes (not at a call): it was running Python code
+KEEPS = "keeps"  # inside a C call known to keep the GIL (json, re, sorted, pickle)
+RELEASES = "releases"  # inside a C call known to release it (hashing, compression, I/O)
+CALL = "call"  # inside some other C call: either
+
+# Names on the line of a call (the callable as the source names it) that tell a C call
+# which releases the GIL for its work, or keeps it. Looked up in that order.
+_RELEASING_NAMES = frozenset(
+    {
+        "pbkdf2_hmac", "scrypt", "hashpw", "checkpw", "kdf", "gensalt",
+        "argon2_hash", "argon2_verify", "hash_secret", "hash_secret_raw", "verify_secret",
+        "compress", "decompress", "flush", "update", "digest", "hexdigest", "file_digest",
+        "sha1", "sha224", "sha256", "sha384", "sha512", "md5", "blake2b", "blake2s",
+        "sha3_256", "sha3_512", "crc32", "adler32",
+        "sleep", "recv", "recv_into", "send", "sendall", "read", "readinto", "write",
+        "select", "poll", "connect", "accept", "acquire", "wait", "join", "get",
+    }
+)
+_RELEASING_MODULES = ("hashlib", "zlib", "bz2", "lzma", "argon2", "bcrypt", "nacl", "ssl")
+_KEEPING_NAMES = frozenset(
+    {
+        "dumps", "loads", "dump", "load", "encode", "decode", "iterencode", "raw_decode",
+        "sub", "subn", "findall", "finditer", "search", "match", "fullmatch", "split",
+        "sorted", "sort", "sum", "deepcopy",
+        # quick builtins a pure-Python loop calls (it is made to give the GIL up right
+        # after them): never release it
+        "thread_time", "perf_counter", "monotonic", "time", "process_time", "len",
+        "isinstance", "range", "append", "extend", "pop", "min", "max", "abs", "int",
+        "float", "str", "repr", "getattr", "setattr", "hasattr", "format", "replace",
+        "strip", "items", "keys", "values", "randint", "random", "choice",
+    }
+)
+_CALL_OPS = frozenset(
+    name
+    for name in dis.opname
+    if name.startswith(("CALL", "PRECALL")) or name in ("BEFORE_WITH", "SETUP_WITH", "IMPORT_NAME")
+)
+_kinds: dict[tuple[CodeType, int], str] = {}
+
+
+def doing(frame: FrameType) -> str:
+    """What the thread whose innermost frame is ``frame`` was doing (see :class:`Look`):
+    the instruction it stopped at, and for a call the names on its line before it."""
+    code = frame.f_code
+    lasti = frame.f_lasti
+    key = (code, lasti)
+    kind = _kinds.get(key)
+    if kind is not None:
+        return kind
+    raw = code.co_code
+    op = dis.opname[raw[lasti]] if 0 <= lasti < len(raw) else ""
+    if op not in _CALL_OPS:
+        kind = PYTHON
+    else:
+        names: list[str] = []  # loaded by name on the call's line, before the call
+        for ins in dis.get_instructions(code):
+            if ins.offset >= lasti:
+                break
+            if ins.starts_line:
+                names = []
+            if ins.opname.startswith(("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD", "LOAD_NAME")):
+                names.append(str(ins.argval))
+        if any(n in _RELEASING_NAMES or n in _RELEASING_MODULES for n in names):
+            kind = RELEASES
+        elif any(n in _KEEPING_NAMES for n in names):
+            kind = KEEPS
+        elif code.co_filename.replace("\\", "/").split("/site-packages/")[-1].startswith(
+            _RELEASING_MODULES
+        ):
+            kind = RELEASES
+        else:
+            kind = CALL
+    if len(_kinds) > 4096:
+        _kinds.clear()
+    _kinds[key] = kind
+    return kind
 
 
 def _clock_of(native_id: int) -> int:
@@ -384,27 +465,24 @@ def take_look(frames: dict[int, FrameType], clocks: dict[int, int], me: int) -> 
         for t in threading.enumerate():
             if t.ident is not None and t.native_id is not None:
                 clocks[t.ident] = _clock_of(t.native_id)
-    threads: dict[int, tuple[int, int, int]] = {}
+    threads: dict[int, tuple[int, int, int, str]] = {}
     for ident, frame in frames.items():
         clock = clocks.get(ident)
         if ident == me or clock is None:
             continue
         cpu = _thread_cpu_ns(clock)
         if cpu >= 0:
-            threads[ident] = (cpu, id(frame), frame.f_lasti)
+            threads[ident] = (cpu, id(frame), frame.f_lasti, doing(frame))
     return Look(real.perf_counter(), threads)
 
 
-# Threads running Python code ran at least this share of the time the loop waited for the
-# GIL (the rest they can have spent preempted while holding it); threads that stayed inside
-# a call ran at most _BESIDE of their CPU time meanwhile.
+# The threads that may hold the GIL ran at least this share of the time the loop waited for
+# it (the rest they can have spent preempted while holding it); threads inside calls that
+# release it ran at most _BESIDE of that beside them.
 _RAN = 0.25
 _BESIDE = 0.25
-# They take turns on the GIL: together at most about one CPU (with slack for the readings).
+# Threads that need the GIL take turns: together at most about one CPU (slack for readings).
 _ONE_AT_A_TIME = 1.25
-# A thread that stayed inside one call held the GIL only if it ran nearly all the time the
-# loop waited, the only thread that ran: a C call that keeps the GIL runs on a CPU meanwhile.
-_RAN_IN_ONE_CALL = 0.8
 
 
 def holder(
@@ -413,47 +491,54 @@ def holder(
     """The thread that held the GIL between two looks while the loop waited ``waited``
     seconds for it, and the evidence in words; None without evidence.
 
-    Bytecode needs the GIL: threads whose frame moved on ran Python code. They are the
-    holders when together they ran ``_RAN`` of the wait, at most one CPU's worth (they
-    take turns), and the threads that stayed inside a call (C work that releases the GIL:
-    hashing, compression) ran at most ``_BESIDE`` of that beside them. Else one thread that
-    stayed inside one call and was the only one to run, nearly all the wait: a C call that
-    keeps the GIL. Threads doing GIL-releasing C work side by side, or getting less than
-    that share of a CPU, are no evidence."""
-    movers: list[tuple[float, int]] = []
-    stayers: list[tuple[float, int]] = []
-    for ident, (cpu1, frame1, lasti1) in after.threads.items():
+    Evidence: a thread caught between bytecodes (it was running Python, and was made to
+    give the GIL up) or inside a C call known to keep the GIL, that ran in the window;
+    the threads that may hold the GIL (those, and threads inside other C calls) ran
+    ``_RAN`` of the wait at least, together at most one CPU (they take turns); and threads
+    inside calls known to release the GIL (hashing, compression, I/O) ran at most
+    ``_BESIDE`` of that beside them. C work that releases the GIL in threads (argon2,
+    bcrypt, hashlib, zlib) is no evidence however late the loop got the GIL back: on a
+    loaded machine a thread preempted while it briefly holds the GIL makes all wait."""
+    holders: list[tuple[float, int, str]] = []  # caught running Python or keeping it
+    maybe = 0.0  # CPU of threads inside other C calls
+    beside = 0.0  # CPU of threads inside calls that release the GIL
+    for ident, (cpu1, _frame, _lasti, kind) in after.threads.items():
         if ident in skip:
             continue
         old = before.threads.get(ident)
         if old is None:
             continue  # started within the window
-        cpu0, frame0, lasti0 = old
-        ran = max(cpu1 - cpu0, 0) / 1e9
+        ran = max(cpu1 - old[0], 0) / 1e9
         if ran <= 0.0:
             continue
-        moved = (frame1, lasti1) != (frame0, lasti0)
-        (movers if moved else stayers).append((ran, ident))
+        if old[3] == RELEASES:
+            kind = RELEASES  # its CPU in the window went (at least partly) to that call
+        if kind in (PYTHON, KEEPS):
+            holders.append((ran, ident, kind))
+        elif kind == RELEASES:
+            beside += ran
+        else:
+            maybe += ran
+    if not holders:
+        return None
     window = after.t - before.t
-    py = sum(m[0] for m in movers)
-    beside = sum(m[0] for m in stayers)
-    turns = py <= _ONE_AT_A_TIME * window
-    if movers and turns and py >= _RAN * waited and beside <= _BESIDE * py:
-        ran, ident = max(movers)
-        return ident, (
-            f"{len(movers)} thread(s) ran Python code (their frames moved on), "
-            f"{py * 1000.0:.1f} ms of CPU in the {window * 1000.0:.1f} ms window, one at "
-            f"a time; this one {ran * 1000.0:.1f} ms; threads inside C calls "
-            f"{beside * 1000.0:.1f} ms"
-        )
-    if stayers and not movers:
-        ran, ident = max(stayers)
-        if ran >= _RAN_IN_ONE_CALL * waited and beside - ran <= _BESIDE * ran:
-            return ident, (
-                f"it was the only thread that ran, {ran * 1000.0:.1f} ms of CPU in the "
-                f"{window * 1000.0:.1f} ms window, inside one call that kept the GIL"
-            )
-    return None
+    held = sum(h[0] for h in holders)
+    may = held + maybe
+    if may < _RAN * waited or may > _ONE_AT_A_TIME * window or beside > _BESIDE * may:
+        return None
+    ran, ident, kind = max(holders)
+    what = (
+        "was running Python code (stopped between bytecodes, made to give the GIL up)"
+        if kind == PYTHON
+        else "was at a C call that keeps the GIL (inside it, or made to give the GIL up "
+        "right after it)"
+    )
+    return ident, (
+        f"this thread {what} and ran {ran * 1000.0:.1f} ms of CPU in the "
+        f"{window * 1000.0:.1f} ms window; the threads that can hold the GIL ran "
+        f"{may * 1000.0:.1f} ms, one at a time, threads in calls that release it "
+        f"{beside * 1000.0:.1f} ms"
+    )
 
 
 def sample(st: LoopState, start: float, seq: int) -> None:
@@ -549,6 +634,23 @@ def _coro_frames(coro: Any) -> list[FrameType]:
         frames.append(frame)
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return frames
+
+
+def callback_location(owner: Any) -> Location | None:
+    """Where a plain loop callback (not a task: its frames may be the test's) is defined:
+    (file, first line, name), or None (a builtin, a task, the plugin's own)."""
+    if isinstance(owner, asyncio.Task) or hasattr(owner, "coro"):
+        return None
+    target = owner
+    for _ in range(8):
+        inner = getattr(target, "func", None) or getattr(target, "__func__", None)
+        if inner is None:
+            break
+        target = inner
+    code = getattr(target, "__code__", None)
+    if not isinstance(code, CodeType) or is_plugin_file(code.co_filename):
+        return None
+    return library_path(code.co_filename), code.co_firstlineno, code.co_name
 
 
 def suspended(owner: Any) -> tuple[Location | None, bool]:
