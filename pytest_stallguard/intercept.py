@@ -5,9 +5,10 @@
 wrap the app they are given with :func:`context.attributed`, which adds the request label
 to the context and changes nothing the app sees.
 
-The constructors are wrapped through :mod:`.patching` (owner ``"request labels"``): the
-wrapper takes exactly what the original takes (same signature, arguments passed through
-untouched) and, should wrapping the app fail, notes it once with
+The constructors are wrapped through :mod:`.patching` (owner ``"request labels"``), in
+modules imported before :func:`install` or later (an import hook, live until
+:func:`uninstall`): the wrapper takes exactly what the original takes (same signature,
+arguments passed through untouched) and, should wrapping the app fail, notes it once with
 :func:`patching.hook_failed`, leaves that class alone until :func:`uninstall` and builds
 the client exactly as without the plugin.
 """
@@ -18,6 +19,7 @@ import copy
 import functools
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 from . import context, guard, patching
@@ -43,6 +45,7 @@ SEND_TARGETS = (
 
 _patches = patching.Patches(OWNER)
 _wrapped: set[tuple[str, str]] = set()  # constructors wrapped now
+_hooked: set[str] = set()  # modules whose import hook is live
 _off: set[tuple[str, str]] = set()  # constructors whose wrapping failed (until uninstall)
 
 
@@ -80,13 +83,28 @@ def _wrap_init(
 
 
 def install() -> None:
-    """Wrap the constructors (idempotent; call again to catch modules imported since).
+    """Wrap the constructors and send methods (idempotent).
 
-    Only modules already imported are patched: importing one ourselves could change what
-    the user's suite sees (``starlette.testclient`` warns on import, for one).
+    We never import these modules ourselves: that could change what the user's suite sees
+    (``starlette.testclient`` warns on import, for one). Those already imported are
+    wrapped now, the others as the suite imports them (a fixture importing ``TestClient``
+    lazily), until :func:`uninstall`.
     """
     if not _patches:  # nothing of ours in place (also after patching.restore_all())
         _wrapped.clear()
+        _hooked.clear()
+    for module_name in dict.fromkeys(t[0] for t in (*TARGETS, *SEND_TARGETS)):
+        if module_name not in _hooked:
+            _hooked.add(module_name)
+            _patches.when_imported(module_name, _wrap_module)
+
+
+def _wrap_module(module: ModuleType) -> None:
+    _install_init()
+    _install_send()
+
+
+def _install_init() -> None:
     for module_name, class_name, distribution, name, position, isolate in TARGETS:
         key = (module_name, class_name)
         module = sys.modules.get(module_name)
@@ -101,7 +119,6 @@ def install() -> None:
         )
         _patches.wrap(cls, "__init__", make)
         _wrapped.add(key)
-    _install_send()
 
 
 def _labelled_transport(transport: Any) -> Any:
@@ -161,4 +178,5 @@ def uninstall() -> None:
     """Put every original constructor back."""
     _patches.restore()
     _wrapped.clear()
+    _hooked.clear()
     _off.clear()

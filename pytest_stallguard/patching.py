@@ -7,6 +7,11 @@ original back exactly (or deletes our attribute when the original was inherited)
 that are not attributes (a loop's task factory, a ``gc.callbacks`` entry) are registered
 with :meth:`Patches.undo` so that they are live and restorable the same way.
 
+Libraries the app imports after a detector started (a fixture importing the app lazily)
+are hooked as they are imported: :meth:`Patches.when_imported` runs a callback on the
+module now if it is loaded, else right after its body ran. The finder that does it sits in
+``sys.meta_path`` only while such a hook is live, and comes off with its owner's patches.
+
 :func:`live` lists what is installed now; :func:`restore_all` takes everything off (the
 plugin calls it when a run is interrupted, and the test suite checks after each test that
 nothing is left).
@@ -23,8 +28,10 @@ import importlib.metadata
 import platform
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 from typing import Any
 
 __all__ = [
@@ -137,6 +144,29 @@ class Patches:
             if self not in _owners:
                 _owners.append(self)
 
+    def when_imported(self, name: str, callback: Callable[[ModuleType], object]) -> None:
+        """Call ``callback(module)`` for module ``name``: now if it is imported, and each
+        time it is imported while this hook is live (until :meth:`restore`).
+
+        The callback runs in the importing thread right after the module's body ran (for
+        ``import a.b``, ``a`` runs first), before ``import`` returns to the importer, under
+        this module's lock (so never while the owner's patches come off). It must be quick
+        and import only what the module already imported. The call for a module already
+        loaded runs here, in the caller's thread, outside the lock (should another thread
+        still be running the module's body, the callback's imports wait for it to finish).
+        An exception of the callback is noted with :func:`hook_failed`; the import goes on.
+        Other imports pay one dict lookup while a hook is live, none when none is.
+        """
+        hook = (self, callback)
+        with _lock:
+            _import_hooks.setdefault(name, []).append(hook)
+            if not any(f is _finder for f in sys.meta_path):
+                sys.meta_path.insert(0, _finder)
+            self.undo(f"import hook for {name}", lambda: _unhook(name, hook), "sys.meta_path")
+            module = sys.modules.get(name)
+        if isinstance(module, ModuleType):
+            _run_hook(name, module, hook)
+
     def live(self) -> list[Live]:
         with _lock:
             found = [Live(self.owner, _describe(t), n) for t, n, _ in self._mine]
@@ -197,6 +227,127 @@ def restore_all() -> list[Live]:
         for owner in reversed(list(_owners)):
             owner.restore()
         return found
+
+
+# -- modules imported later ----------------------------------------------------------------
+
+_Hook = tuple["Patches", Callable[[ModuleType], object]]
+_import_hooks: dict[str, list[_Hook]] = {}  # module name -> hooks, oldest first
+_finding = threading.local()  # .names: the hooked names this thread is looking up
+
+
+def _unhook(name: str, hook: _Hook) -> None:
+    hooks = _import_hooks.get(name, [])
+    for i, h in enumerate(hooks):
+        if h is hook:
+            del hooks[i]
+            break
+    if not hooks:
+        _import_hooks.pop(name, None)
+    if not _import_hooks:  # the last hook: nothing of ours stays in sys.meta_path
+        for i, f in enumerate(list(sys.meta_path)):
+            if f is _finder:
+                with contextlib.suppress(ValueError, IndexError):
+                    del sys.meta_path[i]
+                break
+
+
+def _run_hook(name: str, module: ModuleType, hook: _Hook) -> None:
+    owner, callback = hook
+    try:
+        callback(module)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            hook_failed(owner.owner, name.partition(".")[0], f"{name} when imported", exc)
+
+
+def _imported(name: str, module: ModuleType) -> None:
+    """The module's body ran: every hook live now gets it (never raises)."""
+    with contextlib.suppress(Exception), _lock:
+        for hook in list(_import_hooks.get(name, ())):
+            _run_hook(name, module, hook)
+
+
+class _HookedLoader:
+    """The module's own loader, followed by the hooks. ``module.__loader__`` and
+    ``module.__spec__.loader`` are the module's own loader again before its body runs, so
+    the module (and whoever reads its loader later) never sees this one."""
+
+    def __init__(self, loader: Any, name: str) -> None:
+        self.loader = loader
+        self.name = name
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)  # type: ignore[no-any-return]
+
+    def exec_module(self, module: ModuleType) -> None:
+        __tracebackhide__ = True  # the module's own error, as pytest would show it
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.loader is self:
+            spec.loader = self.loader
+        if getattr(module, "__loader__", None) is self:
+            with contextlib.suppress(AttributeError, TypeError):
+                module.__loader__ = self.loader
+        self.loader.exec_module(module)  # the module's own errors pass through untouched
+        _imported(self.name, module)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.loader, attr)
+
+
+class _PostImportFinder:
+    """First in ``sys.meta_path`` while a hook is live. For a hooked name it asks the
+    finders after it for the spec (as the import system would) and gives the spec's loader
+    a :class:`_HookedLoader`; for every other name it returns None at once."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname not in _import_hooks:  # every other import: one dict lookup
+            return None
+        names: set[str] | None = getattr(_finding, "names", None)
+        if names is None:
+            names = _finding.names = set()
+        if fullname in names:  # another finder asked the import system again (wrapt does)
+            return None
+        names.add(fullname)
+        try:
+            spec = self._spec(fullname, path, target)
+            loader = getattr(spec, "loader", None)
+            if (
+                spec is not None
+                and loader is not None
+                and hasattr(loader, "exec_module")
+                and not isinstance(loader, _HookedLoader)
+            ):
+                spec.loader = _HookedLoader(loader, fullname)  # type: ignore[assignment]
+            return spec
+        except Exception:
+            # A finder's own error (or ours): step aside; the import system asks the
+            # finders itself and the importer sees exactly what it would without us.
+            return None
+        finally:
+            names.discard(fullname)
+
+    def _spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None
+    ) -> ModuleSpec | None:
+        for finder in list(sys.meta_path):
+            if finder is self:
+                continue
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                return spec  # type: ignore[no-any-return]
+        return None
+
+    def __repr__(self) -> str:
+        return "<stallguard post-import hooks>"
+
+
+_finder = _PostImportFinder()
 
 
 # -- hooks that fail ------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
         except ConfigError as exc:
             pytest.fail(str(exc), pytrace=False)
         if item.config.stash[ALL_KEY]:
-            intercept.install()  # modules the suite imported since the last test
+            intercept.install()  # again after a restore_all(); idempotent otherwise
         run = GuardRun(settings)
         item.stash[RUN_KEY] = run
         run.start()

@@ -389,6 +389,51 @@ def _cpu_s(fn: Any, *args: Any) -> float:
     return time.thread_time() - t0
 
 
+@pytest.mark.anyio
+async def test_the_watchdogs_own_turn_with_the_gil_is_not_blamed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A watchdog preempted by the OS while it holds the GIL (sampling a step) keeps the
+    loop thread off the GIL for that long; the loop thread sleeps on the GIL meanwhile, so
+    its run-queue wait does not show it. Modelled here by a sample that keeps the GIL for
+    2x the threshold (one C call) once per step: a request of 0.8x the threshold of work
+    is not a stall (it was one before the watchdog's turns were discounted), and a real
+    stall under the same watchdog still is, once."""
+    app = make_app()
+
+    @app.get("/under")
+    async def under() -> dict[str, Any]:
+        return {"n": burn(0.8 * THRESHOLD_MS)}  # sampled after THRESHOLD_MS / 2
+
+    rows = [{"id": i, "name": f"row {i}"} for i in range(2_000)]
+    slow_turn = rows * _copies_for(2 * THRESHOLD_MS, rows)
+    original = watchdog.sample
+    turns: list[tuple[float, float]] = []
+
+    def sample_slowly(st: steps.LoopState, start: float, seq: int) -> None:
+        original(st, start, seq)
+        if not any(a >= start for a, _ in turns):  # once per step
+            t0 = real.perf_counter()
+            json.dumps(slow_turn)  # holds the GIL throughout
+            turns.append((t0, real.perf_counter()))
+
+    monkeypatch.setattr(watchdog, "sample", sample_slowly)
+    async with watched(app) as (client, guard, watch):
+        for _ in range(3):
+            await anyio.sleep(0.05)  # idle: the watchdog reads the loop thread's schedstat
+            await client.get("/under")
+            await anyio.sleep(0)  # one step per request (ASGITransport does not yield)
+        under_turns = len(turns)
+        await anyio.sleep(0.05)
+        await client.get("/cpu")
+        await anyio.sleep(0)
+    assert under_turns >= 1, "the watchdog never sampled /under: nothing was judged"
+    assert [f.request for f in stalls(guard.findings)] == ["GET /cpu"], [
+        f.message for f in guard.findings
+    ]
+    assert watch.stalls == 1
+
+
 # -- attach / detach -------------------------------------------------------------------------
 
 
@@ -687,6 +732,34 @@ def test_preemption_is_measured_from_before_the_step(monkeypatch: pytest.MonkeyP
     st.rq_hist.append((100.011, 20_000_000, start))
     monkeypatch.setattr(discount, "run_queue_ns", lambda fd: 20_000_000)
     assert discount.preempted_s(st, start, 0.032) == 0.0  # quiet: nothing subtracted
+
+
+def test_waiting_is_capped_by_the_time_off_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preemption and the watchdog's turns with the GIL overlap (a thread waiting for the
+    GIL queues for a CPU too): together they never discount more than the loop thread
+    spent off the CPU, so a CPU-bound step stays the app's whole."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    st.rq_fd = 1_000_000  # faked: cpu_ns is patched
+    start, duration = 100.0, 0.300
+    monkeypatch.setattr(discount, "_now", lambda: start + duration)
+    st.held.append((start + 0.050, start + 0.150))  # the watchdog held the GIL 100 ms
+    st.cpu_hist.append((start, 0, 0.0))  # a reading at the start of the step
+
+    def waited(cpu_ms: int, preempted_ms: int) -> float:
+        monkeypatch.setattr(discount, "cpu_ns", lambda fd: cpu_ms * 1_000_000)
+        return discount.waited_s(st, start, duration, preempted_ms / 1000.0, 0.0)
+
+    # 10 ms on the CPU: 290 ms off it; preempted 150 + held 100 all count.
+    assert waited(10, 150) == pytest.approx(0.250)
+    # 200 ms on the CPU (a real stall): only 100 ms off it may be discounted.
+    assert waited(200, 150) == pytest.approx(0.100)
+    # Without a CPU reading from before the step, the larger of the two counts.
+    st.cpu_hist.clear()
+    assert waited(10, 150) == pytest.approx(0.150)
+    # Without the watchdog's turns, preemption alone, as before.
+    st.held.clear()
+    assert waited(10, 150) == pytest.approx(0.150)
 
 
 def test_run_queue_history_keeps_the_reading_before_a_long_step(

@@ -14,6 +14,11 @@
   when the loop was preempted. Nothing reads ``/proc`` on the per-step path.
 * Trapped blocking calls: time inside a call :mod:`..traps` recorded (the blocking-call
   finding already names it).
+* The watchdog's own turns with the GIL: sampling takes microseconds, but a watchdog
+  thread preempted by the OS while it holds the GIL keeps the loop thread off it for a
+  whole time slice (tens of ms on a loaded machine). The loop thread sleeps on the GIL
+  then, so its run-queue wait does not show it; the watchdog logs every turn that lasted
+  longer than :data:`HELD_MIN_S` and that time is subtracted.
 
 All times are ``clock.real.perf_counter`` seconds.
 """
@@ -93,6 +98,14 @@ def blocked_s(st: LoopState, start: float, end: float) -> float:
     )
 
 
+HELD_MIN_S = 0.0005  # a watchdog turn shorter than this is not worth logging
+
+
+def held_s(st: LoopState, start: float, end: float) -> float:
+    """Time between start and end the watchdog held the GIL (its long turns)."""
+    return overlap(list(st.held), start, end)
+
+
 # -- preemption ------------------------------------------------------------------------------
 
 
@@ -121,6 +134,14 @@ def run_queue_ns(fd: int) -> int:
         return -1
 
 
+def cpu_ns(fd: int) -> int:
+    """Time the thread spent running on a CPU, from the same file; -1 when unreadable."""
+    try:
+        return int(os.pread(fd, 128, 0).split()[0])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 def read_run_queue(st: LoopState) -> None:
     """Watchdog: append a timestamped run-queue reading of the loop thread to its history.
 
@@ -130,16 +151,17 @@ def read_run_queue(st: LoopState) -> None:
     start = st.start
     before = _now()
     rq = run_queue_ns(st.rq_fd)  # releases the GIL
+    cpu = cpu_ns(st.rq_fd)
     after = _now()
     if rq < 0:
         return
     inside = start if start and start == st.start and start < before else 0.0
     with st.lock:
-        hist = st.rq_hist
-        if inside and hist and hist[-1][2] == inside:
-            hist[-1] = (after, rq, inside)
-        else:
-            hist.append((after, rq, inside))
+        for hist, value in ((st.rq_hist, rq), (st.cpu_hist, cpu)):
+            if inside and hist and hist[-1][2] == inside:
+                hist[-1] = (after, value, inside)
+            else:
+                hist.append((after, value, inside))
 
 
 def preempted_s(st: LoopState, start: float, duration: float) -> float:
@@ -177,3 +199,42 @@ def preempted_s(st: LoopState, start: float, duration: float) -> float:
     if now - base_t >= unknown:
         known += unknown * min(known / (now - base_t), 1.0)
     return min(known, duration)
+
+
+def on_cpu_s(st: LoopState, start: float, duration: float) -> float | None:
+    """Loop thread, at the end of a long step: the loop thread's CPU time during it, from
+    the last reading before the start (CPU time between that reading and the start is
+    counted half, as for the run-queue wait); None when unknown (no schedstat, no reading
+    from before the start). It bounds what may be discounted as waiting: time the thread
+    was on a CPU was the app's (or the GC's) and was not spent waiting for anything."""
+    if st.rq_fd < 0:
+        return None
+    now_cpu = cpu_ns(st.rq_fd)
+    now = _now()
+    if now_cpu < 0:
+        return None
+    with st.lock:
+        hist = list(st.cpu_hist)
+        st.cpu_hist.append((now, now_cpu, 0.0))
+    for t, cpu, _ in reversed(hist):
+        if t <= start and cpu >= 0:
+            ran = max((now_cpu - cpu) / 1e9, 0.0)
+            outside = max((start - t) + (now - start - duration), 0.0)
+            return min(ran - min(ran, outside) / 2.0, duration)
+    return None
+
+
+def waited_s(st: LoopState, start: float, duration: float, preempted: float,
+             blocked: float) -> float:
+    """How much of a long step the loop thread spent waiting through no doing of the app:
+    preempted by other processes, or kept off the GIL by the watchdog (:func:`held_s`).
+    The two overlap (a thread waiting for the GIL wakes every switch interval and queues
+    for a CPU too), so their sum is capped by the time the thread was off the CPU and not
+    in a trapped call; without a CPU reading, the larger of the two counts."""
+    held = held_s(st, start, start + duration)
+    if not held:
+        return preempted
+    cpu = on_cpu_s(st, start, duration)
+    if cpu is None:
+        return max(preempted, held)
+    return min(preempted + held, max(duration - cpu - blocked, 0.0))

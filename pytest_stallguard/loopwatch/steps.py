@@ -50,8 +50,10 @@ class LoopState:
 
     __slots__ = (
         "active",
+        "cpu_hist",
         "ctx",
         "end",
+        "held",
         "kind",
         "lock",
         "loop",
@@ -80,6 +82,11 @@ class LoopState:
         # (real.perf_counter after the read, run-queue wait in ns, start of the step it was
         # read wholly inside or 0.0), appended by the watchdog at every wake
         self.rq_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
+        # (start, end) of the watchdog's turns with the GIL that lasted long enough to
+        # matter (it was preempted holding it): the loop thread could not run meanwhile
+        # (real.perf_counter after the read, CPU time in ns, as rq_hist), read with it
+        self.cpu_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
+        self.held: deque[tuple[float, float]] = deque(maxlen=64)
         self.active = True
         self.start = 0.0  # real.perf_counter at the start of the running step, 0.0 idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context

@@ -170,9 +170,12 @@ class LoopWatch:
         duration = end - start
         gc_s = self._gc.seconds(start, end)
         blocked_s = discount.blocked_s(st, start, end)
-        # Preempted by other processes (CPU burners, a busy CI box): not the app's doing.
-        # Against the last reading taken before the step started.
-        preempted_s = discount.preempted_s(st, start, duration)
+        # Preempted by other processes (CPU burners, a busy CI box), or kept off the GIL
+        # by our watchdog: not the app's doing. Against the last reading taken before the
+        # step started.
+        preempted_s = discount.waited_s(
+            st, start, duration, discount.preempted_s(st, start, duration), blocked_s
+        )
         if duration - gc_s - blocked_s - preempted_s <= self._threshold_s:
             if gc_s > 0 and duration - blocked_s - preempted_s > self._threshold_s:
                 self.gc_pauses += 1

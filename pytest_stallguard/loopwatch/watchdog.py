@@ -127,6 +127,14 @@ def take_samples(st: LoopState, seq: int) -> Samples | None:
     return samples
 
 
+def _log_turn(states: list[LoopState], start: float, end: float) -> None:
+    """The watchdog held the GIL from ``start`` to ``end``: when that was long (it was
+    preempted holding it), no loop could run meanwhile; their steps are not blamed for it."""
+    if end - start > discount.HELD_MIN_S:
+        for st in states:
+            st.held.append((start, end))
+
+
 class Watchdog:
     """The sampling thread of one :class:`~.watch.LoopWatch`."""
 
@@ -217,6 +225,7 @@ class Watchdog:
                 # GIL would run on meanwhile.
                 self._gil_check(starved, now - asked - interval, rq0, before)
             released = real.perf_counter()
+            _log_turn(states, now, released)
             for st in states:
                 if st.rq_fd == -2:
                     st.rq_fd = discount.open_schedstat(st.native_id)  # releases the GIL
@@ -234,6 +243,7 @@ class Watchdog:
                 back = real.perf_counter()
                 self._sample_due(states, back, back - released > sample_after, sampled)
                 released = real.perf_counter()
+                _log_turn(states, back, released)
 
     def _sample_due(
         self,

@@ -9,9 +9,9 @@ serving a request). The library modules do the watching.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from collections.abc import Callable, Iterable
+from types import ModuleType
 from typing import Any
 
 from .. import guard
@@ -32,7 +32,8 @@ class PoolWatch(WatchCore):
     the loop; ``stop()`` is idempotent and restores every patch.
 
     ``guard_`` defaults to :func:`guard.active` at the time of each finding. SQLAlchemy
-    and asyncpg are watched when the app imported them before ``start()``.
+    and asyncpg are watched from ``start()`` if the app imported them, else from the moment
+    it imports them (:meth:`patching.Patches.when_imported`), until ``stop()``.
     """
 
     def __init__(self, guard_: guard.Guard | None = None, *, threshold_ms: float | None = None
@@ -52,13 +53,26 @@ class PoolWatch(WatchCore):
         self._install("anyio", self._threads.install)
         self._install("asyncio", self._executor.install)
         self._install("httpx", self._httpx.install)
-        if "sqlalchemy" in sys.modules:  # the libraries themselves are imported lazily
-            self._sqlalchemy = SqlalchemyWatch(self)
-            self._install("sqlalchemy", self._sqlalchemy.install)
-        if "asyncpg" in sys.modules:
-            self._asyncpg = AsyncpgWatch(self)
-            self._install("asyncpg", self._asyncpg.install)
+        # SQLAlchemy and asyncpg are never imported by us: watched now if the app imported
+        # them, else as soon as it does (a fixture importing the app lazily), in any thread.
+        self._sqlalchemy = self._asyncpg = None
+        self.patches.when_imported("sqlalchemy", self._watch_sqlalchemy)
+        self.patches.when_imported("asyncpg", self._watch_asyncpg)
         return self
+
+    def _watch_sqlalchemy(self, module: ModuleType) -> None:
+        if not self.on:
+            return
+        if self._sqlalchemy is None:
+            self._sqlalchemy = SqlalchemyWatch(self)
+        self._install("sqlalchemy", self._sqlalchemy.install)
+
+    def _watch_asyncpg(self, module: ModuleType) -> None:
+        if not self.on:
+            return
+        if self._asyncpg is None:
+            self._asyncpg = AsyncpgWatch(self)
+        self._install("asyncpg", self._asyncpg.install)
 
     def _install(self, library: str, install: Callable[[], None]) -> None:
         """A library version whose internals moved is not watched; the rest is."""
