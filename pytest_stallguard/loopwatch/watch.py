@@ -190,8 +190,8 @@ class LoopWatch:
         g = guard.active() or (samples.guard if samples is not None else None)
         if g is None:
             return
-        # Part of the step the loop thread neither ran nor waited for a CPU: when one other
-        # thread ran Python code meanwhile, the loop waited for the GIL it held.
+        # Part of the step the loop thread neither ran nor waited for a CPU: with evidence
+        # that other threads held the GIL meanwhile (watchdog.holder), it waited for them.
         gil_s = self._gil_in_step(st, start, duration, blocked_s + preempted_s, g)
         if gil_s and duration - gil_s - gc_s - blocked_s - preempted_s <= self._threshold_s:
             return  # the step's own work was short: the GIL finding says it all
