@@ -22,6 +22,12 @@ def _library_dirs() -> tuple[str, ...]:
 
 
 _LIBRARY_DIRS = _library_dirs()
+# stdlib and site-packages directories: a library file is named relative to them
+_LIBRARY_BASES = tuple(
+    os.path.abspath(base) + os.sep
+    for base in {sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib")}
+    if base
+)
 _root = os.getcwd()
 _cache: dict[str, bool] = {}
 # Installed packages that are the app under test (a server run from its wheel): their
@@ -122,12 +128,9 @@ def library_path(filename: str) -> str:
     if is_user_file(filename):
         return relative(filename)
     best = ""
-    for key in ("purelib", "platlib", "stdlib", "platstdlib"):
-        base = sysconfig.get_paths().get(key)
-        if base:
-            base = os.path.abspath(base) + os.sep
-            if path.startswith(base) and len(base) > len(best):
-                best = base
+    for base in _LIBRARY_BASES:
+        if path.startswith(base) and len(base) > len(best):
+            best = base
     if not best:
         marker = os.sep + "site-packages" + os.sep
         if marker in path:

@@ -692,15 +692,22 @@ def suspended(owner: Any) -> tuple[Location | None, bool]:
 
 def innermost_outside_plugin(frame: FrameType | None) -> Location | None:
     """The innermost frame of a running step that is not the plugin's (stdlib or an
-    installed library: no user frame was on the stack), or None."""
+    installed library: no user frame was on the stack), or None. Library frames called by
+    a frame of the plugin (its own bookkeeping) are the plugin's: not named."""
+    found: FrameType | None = None
     while frame is not None:
         code = frame.f_code
         if _is_step_boundary(code) or _is_attributed(code):
-            return None
-        if not is_plugin_file(code.co_filename):
-            return library_path(code.co_filename), frame.f_lineno, code.co_name
+            break
+        if is_plugin_file(code.co_filename):
+            found = None  # what ran inside it was ours
+        elif found is None:
+            found = frame
         frame = frame.f_back
-    return None
+    if found is None:
+        return None
+    code = found.f_code
+    return library_path(code.co_filename), found.f_lineno, code.co_name
 
 
 def has_user_frame(frame: FrameType | None) -> bool:
