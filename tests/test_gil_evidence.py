@@ -242,8 +242,9 @@ def create_app():
 
 
 def test_pure_python_threads_starving_the_loop_are_the_gil(pytester: pytest.Pytester) -> None:
-    """The true positive, in the same conditions as the clean twin: four requests run a
-    pure-Python loop in worker threads at once beside two CPU burners."""
+    """The true positive, in the same conditions as the clean twin: eight requests run a
+    pure-Python loop in worker threads at once beside two CPU burners (they take turns on
+    the GIL with the loop)."""
     pytester.makepyfile(myapp=TP_APP)
     pytester.syspathinsert()
     pytester.makepyfile(
@@ -258,7 +259,7 @@ def test_pure_python_threads_starving_the_loop_are_the_gil(pytester: pytest.Pyte
 
         async def test_reports(stall_client):
             async with anyio.create_task_group() as tg:
-                for _ in range(4):
+                for _ in range(8):
                     tg.start_soon(stall_client.get, "/report")
         """
     )
