@@ -209,10 +209,10 @@ class Watchdog:
                     # Got the GIL back late: a step (a C call holding the GIL) may be
                     # about to end: sample it now, as on a late wake.
                     self._sample_due(list(watch._mine.values()), back, True, set())
-            looked = watch.turn_since = real.perf_counter()
+            looked = real.perf_counter()
             before = self.look()  # the baseline of the window this sleep opens
             asked = real.perf_counter()
-            _log_turn(watch, list(watch._mine.values()), looked, asked)
+            _log_turn(list(watch._mine.values()), looked, asked)
             real.sleep(interval)
             now = watch.turn_since = real.perf_counter()
             states = list(watch._mine.values())
