@@ -180,6 +180,7 @@ class _Handler(BaseHTTPRequestHandler):
         log = owner._log
         quietly("the served upstream's call log", log.begin, call)
         quietly("the served upstream's call log", log.enter)
+        left = False
         try:
             delay, failed = owner._knobs.draw()
             state = self.server.wait(self.connection, delay) if delay > 0 else "done"
@@ -189,10 +190,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             status, body, extra = owner._knobs.body(failed)
-            # Recorded before the write: the client may read the response (and the test
-            # look at .calls) before the write returns here.
+            # Recorded (and the call out of flight) before the write: the client may read
+            # the response, and the test look at .calls, before the write returns here.
             outcome = "failed" if failed else "ok"
             quietly("the served upstream's call log", log.end, call, outcome, status)
+            quietly("the served upstream's call log", log.leave)
+            left = True
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             for name, value in extra:
@@ -203,7 +206,8 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(body)
         finally:
-            quietly("the served upstream's call log", log.leave)
+            if not left:
+                quietly("the served upstream's call log", log.leave)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = answer
 
