@@ -259,6 +259,9 @@ def sample(st: LoopState, start: float, seq: int) -> None:
     # the loop thread is running for right now, and whether measurement is paused.
     before = real.perf_counter()
     info = context.info_of(ctx)
+    # The label now, next to the frames just taken: the walk below can lose the GIL, and
+    # the loop thread may finish the request (label "background") before it is done.
+    label = info.request if info is not None else None
     after = real.perf_counter()
     loc, depth = walk(frame)
     del frame
@@ -278,9 +281,9 @@ def sample(st: LoopState, start: float, seq: int) -> None:
             # ones where the time goes
             if loc is not None and depth >= samples.depth:
                 samples.inside, samples.depth = loc, depth
-                samples.request = info.request
+                samples.request = label
             elif samples.inside is None:
-                samples.request = info.request  # no location yet: the latest label
+                samples.request = label  # no location yet: the latest label
         else:
             samples.outside_n += 1
             if not samples.inside_n:
