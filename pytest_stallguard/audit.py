@@ -402,6 +402,16 @@ def _start(span: tuple[int, float, float]) -> float:
     return span[1]
 
 
+def _put(totals: list[float], segments: list[tuple[int, float, float]], rank: int,
+         s: float, e: float) -> None:
+    """Count ``s``..``e`` for ``rank``, merged into the last segment when it continues it."""
+    totals[rank] += e - s
+    if segments and segments[-1][0] == rank and segments[-1][2] == s:
+        segments[-1] = (rank, segments[-1][1], e)
+    else:
+        segments.append((rank, s, e))
+
+
 def partition(spans: list[tuple[int, float, float]], lo: float, hi: float
               ) -> tuple[list[float], list[tuple[int, float, float]]]:
     """Split ``lo``..``hi`` among ``spans`` by rank (see the module docstring).
@@ -414,70 +424,39 @@ def partition(spans: list[tuple[int, float, float]], lo: float, hi: float
     # Fast path, the common case: the spans in time order do not overlap.
     at = lo
     for rank, s, e in sorted(spans, key=_start):
-        if s < lo:
-            s = lo
-        if e > hi:
-            e = hi
+        s, e = max(s, lo), min(e, hi)
         if e <= s:
             continue
         if s < at:
             break  # overlapping spans: the sweep below
         if s > at:
-            totals[OTHER] += s - at
-            segments.append((OTHER, at, s))
-        totals[rank] += e - s
-        if segments and segments[-1][0] == rank and segments[-1][2] == s:
-            segments[-1] = (rank, segments[-1][1], e)
-        else:
-            segments.append((rank, s, e))
+            _put(totals, segments, OTHER, at, s)
+        _put(totals, segments, rank, s, e)
         at = e
     else:
         if hi > at:
-            totals[OTHER] += hi - at
-            if segments and segments[-1][0] == OTHER:
-                segments[-1] = (OTHER, segments[-1][1], hi)
-            else:
-                segments.append((OTHER, at, hi))
+            _put(totals, segments, OTHER, at, hi)
         return totals, segments
+    # The sweep: each instant goes to the highest-ranked (lowest index) span covering it.
     totals = [0.0] * (OTHER + 1)
     segments = []
     events: list[tuple[float, int, int]] = []
     for rank, s, e in spans:
-        if s < lo:
-            s = lo
-        if e > hi:
-            e = hi
+        s, e = max(s, lo), min(e, hi)
         if e > s:
             events.append((s, 1, rank))
             events.append((e, -1, rank))
-    if not events:
-        if hi > lo:
-            totals[OTHER] = hi - lo
-            segments.append((OTHER, lo, hi))
-        return totals, segments
     events.sort()
     active = [0] * OTHER
     at = lo
     for t, delta, rank in events:
         if t > at:
-            best = OTHER
-            for r in range(OTHER):
-                if active[r]:
-                    best = r
-                    break
-            totals[best] += t - at
-            if segments and segments[-1][0] == best and segments[-1][2] == at:
-                segments[-1] = (best, segments[-1][1], t)
-            else:
-                segments.append((best, at, t))
+            best = next((r for r in range(OTHER) if active[r]), OTHER)
+            _put(totals, segments, best, at, t)
             at = t
         active[rank] += delta
     if hi > at:
-        totals[OTHER] += hi - at
-        if segments and segments[-1][0] == OTHER:
-            segments[-1] = (OTHER, segments[-1][1], hi)
-        else:
-            segments.append((OTHER, at, hi))
+        _put(totals, segments, OTHER, at, hi)
     return totals, segments
 
 
