@@ -437,6 +437,24 @@ async def test_the_watchdogs_own_turn_with_the_gil_is_not_blamed(
 # -- attach / detach -------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="no /proc schedstat")
+@pytest.mark.anyio
+async def test_attach_takes_the_first_run_queue_reading(anyio_backend: Any) -> None:
+    """A loop's first step (a TestClient's first request starts right after the attach,
+    before the watchdog ever woke) has a reading from before it: on a busy machine its wait
+    for a CPU is discounted like any other step's."""
+    watch = LoopWatch(20)  # not started: no watchdog reads anything
+    watch.attach()
+    try:
+        [st] = watch._mine.values()
+        assert st.rq_fd >= 0
+        assert len(st.rq_hist) == 1 and len(st.cpu_hist) == 1
+        assert st.rq_hist[0][0] <= real.perf_counter()
+    finally:
+        watch.detach_all()
+    assert st.rq_fd == -1  # closed with the detach
+
+
 @pytest.mark.anyio
 async def test_attach_is_idempotent_and_detach_restores(anyio_backend: Any) -> None:
     original_run = asyncio.events.Handle._run

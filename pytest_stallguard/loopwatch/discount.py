@@ -128,6 +128,21 @@ def open_schedstat(native_id: int) -> int:
         return -1
 
 
+def first_reading(st: LoopState) -> None:
+    """Loop thread, at attach: open its schedstat file and take the first reading, so the
+    loop's first steps (a TestClient's first request starts right after the attach, before
+    the watchdog's first wake) have a reading from before them. ``O_NONBLOCK``: the traps
+    leave such opens alone. Never raises."""
+    if st.rq_fd != -2:
+        return
+    try:
+        st.rq_fd = os.open(f"/proc/self/task/{st.native_id}/schedstat",
+                           os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return  # the watchdog tries again (and notes nothing: schedstat is optional)
+    read_run_queue(st)
+
+
 def close_schedstat(st: LoopState) -> None:
     fd, st.rq_fd = st.rq_fd, -1
     if fd >= 0:

@@ -124,6 +124,7 @@ class LoopWatch:
                 else:
                     steps.hook_uvloop(st, loop)
             self._mine[key] = st
+            discount.first_reading(st)
         except Exception as exc:
             self._failed.add(key)
             if st is not None:
