@@ -135,7 +135,7 @@ def test_the_modules_own_import_error_passes_through_untouched(make_module: Any)
         errors.append(info.value)
         assert seen == []
         assert name not in sys.modules
-        assert info.traceback[-1].path.name == f"{name}.py"  # raised where the user raised it
+        assert Path(info.traceback[-1].path).name == f"{name}.py"  # raised where the user raised it
     plain, hooked_error = errors
     assert (type(hooked_error), hooked_error.args, hooked_error.name) == (
         type(plain), plain.args, plain.name
@@ -238,10 +238,13 @@ import requests
 from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 
 def create_app(db_url, upstream_url):
-    engine = create_async_engine(db_url, pool_size=2, max_overflow=0, pool_timeout=30)
+    # A pool with a size: SQLAlchemy before 2.0.38 gives file databases a NullPool.
+    engine = create_async_engine(db_url, poolclass=AsyncAdaptedQueuePool, pool_size=2,
+                                 max_overflow=0, pool_timeout=30)
     app = FastAPI()
     app.state.engine = engine
 

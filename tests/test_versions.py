@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -25,7 +27,7 @@ def declared() -> list[Requirement]:
 
 
 def pins() -> dict[str, Version]:
-    pinned = {}
+    pinned: dict[str, Version] = {}
     for line in (ROOT / "constraints" / "lowest.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
@@ -73,3 +75,49 @@ def test_lowest_pins_are_exact_and_cover_the_hooked_libraries() -> None:
         "pytest-xdist",
     }
     assert hooked <= set(pins())
+
+
+# -- CI runs the lowest versions too ---------------------------------------------------------
+
+
+def _lowest_part_of_ci() -> str:
+    """What .ci/run does after the README's test command."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    _, sep, after = ci.partition("\ndeactivate\n")
+    assert sep, ".ci/run does not leave the main venv after the README's test command"
+    return after
+
+
+def _run_ci_tail(tmp_path: Path, version: str) -> subprocess.CompletedProcess[str]:
+    """The tail of .ci/run on a PATH whose python3 says it is ``version``; the lowest run
+    itself is a stand-in that prints what it was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    is_311 = "0" if version.startswith("3.11.") else "1"
+    python3 = bin_dir / "python3"
+    python3.write_text(
+        f'#!/bin/sh\nif [ "$1" = -V ]; then echo "Python {version}"; exit 0; fi\nexit {is_311}\n'
+    )
+    python3.chmod(0o755)
+    (bin_dir / "bash").symlink_to(shutil.which("bash") or "/bin/bash")
+    (tmp_path / "constraints").mkdir()
+    (tmp_path / "constraints" / "run-lowest.sh").write_text('echo "LOWEST PYTHON=$PYTHON $*"\n')
+    script = tmp_path / "tail.sh"
+    script.write_text("set -euo pipefail\n" + _lowest_part_of_ci())
+    return subprocess.run(
+        [shutil.which("bash") or "/bin/bash", str(script)], cwd=tmp_path, capture_output=True,
+        text=True, timeout=60, env={"PATH": str(bin_dir)},
+    )
+
+
+def test_ci_runs_the_lowest_suite_on_a_python_3_11(tmp_path: Path) -> None:
+    done = _run_ci_tail(tmp_path, "3.11.7")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"LOWEST PYTHON={tmp_path / 'bin' / 'python3'} -q"
+
+
+def test_ci_skips_the_lowest_suite_saying_why_without_a_python_3_11(tmp_path: Path) -> None:
+    done = _run_ci_tail(tmp_path, "3.13.0")
+    assert done.returncode == 0, done.stderr
+    assert "LOWEST" not in done.stdout
+    assert "lowest-versions run skipped" in done.stdout and "Python 3.13.0" in done.stdout
