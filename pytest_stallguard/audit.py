@@ -70,10 +70,11 @@ LAG_MIN_S = 0.0002  # loop lag below this is not drawn in the counter
 class Ledger:
     """What one request of a burst spent its time on (filled by the hooks)."""
 
-    __slots__ = ("issued", "last_end", "spans", "steps", "upstreams")
+    __slots__ = ("issued", "last_end", "open", "spans", "steps", "upstreams")
 
     def __init__(self, issued: float) -> None:
         self.issued = issued
+        self.open = True  # False once its burst is over: what it holds is settled as is
         self.last_end = issued  # end of its last loop step: it was not ready before that
         self.spans: list[tuple[int, float, float]] = []
         self.steps = 0
@@ -98,7 +99,7 @@ def span(kind: str, start: float, end: float) -> None:
     """Note that the request running this code spent ``start``..``end`` on ``kind``
     (a name of :data:`KINDS`). Cheap, and a no-op outside an audited burst."""
     ledger = _ledger.get()
-    if ledger is not None and end > start:
+    if ledger is not None and end > start and ledger.open:
         ledger.spans.append((RANK[kind], start, end))
 
 
@@ -107,7 +108,7 @@ def http_call(host: str, start: float, end: float, wait_s: float) -> None:
     connection (taken as its beginning), the rest ``io``; the whole call counts for
     ``host`` in the request's upstreams."""
     ledger = _ledger.get()
-    if ledger is None or end <= start:
+    if ledger is None or end <= start or not ledger.open:
         return
     wait_end = min(end, start + max(wait_s, 0.0))
     if wait_end > start:
@@ -157,8 +158,9 @@ def observe(start: float, end: float, ctx: contextvars.Context | None, owner: An
 
 def _observe(rec: Recorder, start: float, end: float, ctx: contextvars.Context | None,
              owner: Any) -> None:
-    # The hot path: every loop step while a burst runs (kept flat on purpose).
-    ready = rec.sched.pop(id(owner), None)
+    # The hot path: every loop step while a burst runs (kept flat on purpose, and without
+    # id() on asyncio: it raises an audit event, for which the traps' audit hook runs).
+    ready = rec.sched.pop(owner if rec.by_handle else id(owner), None)
     if rec.closing:  # requests that ended inside this step: their part of it
         closing, rec.closing = rec.closing, []
         for done, at in closing:
@@ -201,7 +203,10 @@ class Recorder:
 
     def __init__(self) -> None:
         self.patches = patching.Patches(OWNER)
-        self.sched: dict[int, float] = {}  # id(callback or trio task) -> when scheduled
+        # when each step was scheduled: by its asyncio.Handle (asyncio), else by the id of
+        # the callback (uvloop) or trio task (see by_handle)
+        self.sched: dict[Any, float] = {}
+        self.by_handle = False
         self.in_use: list[tuple[float, str, int]] = []  # (time, counter, +1/-1)
         self.cursors: dict[int, float] = {}  # id(cursor) -> query start
         self.closing: list[tuple[Ledger, float]] = []  # requests over in the running step
@@ -234,6 +239,7 @@ class Recorder:
             _recorder = None
             steps.step_observer = None
         self.patches.restore()
+        self.sched.clear()  # handles of steps that never ran (cancelled): let them go
 
     def _hook_loop(self) -> None:
         loop = asyncio.events._get_running_loop()
@@ -244,6 +250,7 @@ class Recorder:
             return
         if isinstance(loop, asyncio.BaseEventLoop):
             names: Iterable[str] = ("_call_soon",)
+            self.by_handle = True  # the loop watch gives observe() the handle it ran
         else:  # uvloop: task steps and wake-ups go through these
             names = ("call_soon", "call_soon_threadsafe")
         for name in names:
@@ -254,7 +261,7 @@ class Recorder:
 
                     def _call_soon(callback: Any, args: Any, context: Any) -> Any:
                         handle = link.next(callback, args, context)
-                        sched[id(callback)] = now()
+                        sched[handle] = now()
                         return handle
 
                     return _call_soon

@@ -6,6 +6,7 @@ timer (:mod:`waits`), so neither a frozen nor a fast loop clock changes what is 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from .clock import real
 from .context import ASGIApp
 from .driver import RequestSpec, build_spec, call
 from .errors import ConfigError
-from .model import BurstResult, RequestError, RequestTiming
+from .model import BurstResult, RequestError, RequestTiming, RequestTimings
 
 SpecLike = Any  # ("GET", "/x") | ("POST", "/x", {"json": ...}) | {"method": ..., "path": ...}
 
@@ -125,28 +126,14 @@ async def run(
     ended = real.perf_counter()
     elapsed = ended - started
 
-    requests = []
-    for i in range(n):
-        spec = specs[i % k]
-        breakdown: dict[str, float] | None = None
-        upstreams: dict[str, float] = {}
-        segments: tuple[tuple[str, float, float], ...] = ()
-        ledger = ledgers[i]
+    # Made on first read (audit.settle is the costly part): see model.RequestTimings. From
+    # what the burst saw up to now: its own copies, and ledgers closed to later spans (a
+    # task a request left running may still note one).
+    for ledger in ledgers:
         if ledger is not None:
-            finished = issued_at[i] + latencies[i] / 1000.0
-            breakdown, upstreams, segments = audit.settle(ledger, finished, started)
-        requests.append(RequestTiming(
-            i=i,
-            method=spec.method,
-            path=spec.path,
-            status=status_of[i],
-            start_ms=(issued_at[i] - started) * 1000.0,
-            latency_ms=latencies[i],
-            ttfb_ms=ttfb[i],
-            breakdown=breakdown,
-            upstreams=upstreams,
-            segments=segments,
-        ))
+            ledger.open = False
+    requests = RequestTimings(functools.partial(
+        _timings, specs, issued_at[:], latencies[:], ttfb[:], status_of[:], ledgers, started))
     timeline: dict[str, Any] = {}
     if recorder is not None:
         timeline = recorder.counters(ledgers, ended)
@@ -169,6 +156,35 @@ async def run(
         timeline=timeline,
         t0=started,
     )
+
+
+def _timings(specs: list[RequestSpec], issued_at: list[float], latencies: list[float],
+             ttfb: list[float], status_of: list[int], ledgers: list[audit.Ledger | None],
+             started: float) -> list[RequestTiming]:
+    """One RequestTiming per request of a finished burst, each ledger settled."""
+    k = len(specs)
+    requests = []
+    for i, ledger in enumerate(ledgers):
+        spec = specs[i % k]
+        breakdown: dict[str, float] | None = None
+        upstreams: dict[str, float] = {}
+        segments: tuple[tuple[str, float, float], ...] = ()
+        if ledger is not None:
+            finished = issued_at[i] + latencies[i] / 1000.0
+            breakdown, upstreams, segments = audit.settle(ledger, finished, started)
+        requests.append(RequestTiming(
+            i=i,
+            method=spec.method,
+            path=spec.path,
+            status=status_of[i],
+            start_ms=(issued_at[i] - started) * 1000.0,
+            latency_ms=latencies[i],
+            ttfb_ms=ttfb[i],
+            breakdown=breakdown,
+            upstreams=upstreams,
+            segments=segments,
+        ))
+    return requests
 
 
 async def _fire(one: Any, n: int, concurrency: int | None, started: float) -> None:

@@ -8,10 +8,11 @@ dataclass filled once) with ``to_dict`` matching the JSON report schema
 from __future__ import annotations
 
 import math
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, overload
 
 KINDS = (
     "blocking-call",
@@ -239,6 +240,59 @@ class RequestTiming:
         )
 
 
+class RequestTimings(Sequence[RequestTiming]):
+    """``BurstResult.requests``: the burst's :class:`RequestTiming` list, made on first read.
+
+    Splitting every request's time into its breakdown costs a few microseconds a request;
+    a burst that nobody reads request by request (no report, no trace, no test looking)
+    does not pay it. A read-only sequence: equal to a list with the same items, pickled as
+    that list; ``make`` runs once (thread-safe) and is dropped with what it holds."""
+
+    __slots__ = ("_items", "_lock", "_make")
+
+    def __init__(self, make: Callable[[], list[RequestTiming]]) -> None:
+        self._make: Callable[[], list[RequestTiming]] | None = make
+        self._items: list[RequestTiming] | None = None
+        self._lock = threading.Lock()
+
+    def _list(self) -> list[RequestTiming]:
+        items = self._items
+        if items is None:
+            with self._lock:
+                items = self._items
+                if items is None:
+                    assert self._make is not None
+                    items = self._items = self._make()
+                    self._make = None
+        return items
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+    @overload
+    def __getitem__(self, index: int) -> RequestTiming: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[RequestTiming]: ...
+    def __getitem__(self, index: int | slice) -> RequestTiming | list[RequestTiming]:
+        return self._list()[index]
+
+    def __iter__(self) -> Iterator[RequestTiming]:
+        return iter(self._list())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RequestTimings):
+            other = other._list()
+        return self._list() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._list())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (self._list(),))
+
+
 def sum_breakdowns(requests: Sequence[RequestTiming]) -> dict[str, float] | None:
     """The breakdowns of ``requests`` summed per key; None when none was measured."""
     measured = [r.breakdown for r in requests if r.breakdown is not None]
@@ -262,8 +316,9 @@ class BurstResult:
     specs: tuple[str, ...] = field(default=())
     # The first request the app raised on (answered 500), for a failing test's report.
     app_exception: RequestError | None = None
-    # One per request, in issue order (SPEC section 8).
-    requests: list[RequestTiming] = field(default_factory=list)
+    # One per request, in issue order (SPEC section 8); a burst gives RequestTimings (made
+    # on first read).
+    requests: Sequence[RequestTiming] = field(default_factory=list)
     # What happened during the burst, on its time axis (ms from its start), for the HTML
     # timeline and the trace: "marks" (findings recorded during it), "canary" probes,
     # "loop_lag" and "in_use" counters. See :mod:`..audit`.

@@ -129,9 +129,11 @@ def _begin(st: LoopState, ctx: contextvars.Context | None) -> float:
 
 
 # -- per-step observer (request audit, issue 10): called at the end of every timed step
-# with (start, end, ctx, owner); owner is the callback run (asyncio, uvloop) or the trio
-# task. Set by audit.Recorder while a burst is audited, None otherwise. Its failures are
-# ours: they turn this loop's watch off like any other bookkeeping failure.
+# with (start, end, ctx, owner); owner is the ``asyncio.Handle`` run (asyncio: the handle
+# itself, not its callback, so that an observer can key by it without ``id()``, which
+# raises an audit event), the callback run (uvloop) or the trio task. Set by
+# audit.Recorder while a burst is audited, None otherwise. Its failures are ours: they
+# turn this loop's watch off like any other bookkeeping failure.
 step_observer: Callable[[float, float, contextvars.Context | None, Any], None] | None = None
 
 
@@ -170,7 +172,7 @@ def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
                 return link.next(self)  # type: ignore[no-any-return]
             finally:
                 try:
-                    _end(st, start, ctx, self._callback)  # type: ignore[attr-defined]
+                    _end(st, start, ctx, self)
                 except Exception as exc:
                     st.fail(WHAT, exc)
 

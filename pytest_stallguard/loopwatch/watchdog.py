@@ -350,6 +350,8 @@ def suspended(owner: Any) -> tuple[Location | None, bool]:
     task is suspended inside an attributed request call (a task that runs requests inline,
     like the test's task with ASGITransport)."""
     coro = None
+    if isinstance(owner, asyncio.Handle):  # asyncio steps give the handle: its callback
+        owner = owner._callback  # type: ignore[attr-defined]
     task = getattr(owner, "__self__", owner)
     if isinstance(task, asyncio.Task):
         coro = task.get_coro()
