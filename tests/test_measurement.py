@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Any
 
 import anyio
 import pytest
@@ -177,3 +178,41 @@ def test_bad_upstream_knobs_name_the_value(knob: str, value: float) -> None:
 
     with SlowUpstreams() as fakes, pytest.raises(ValueError, match=f"{knob}={value!r} is not valid"):
         fakes("https://pay.example", **{knob: value})
+
+
+@pytest.mark.anyio
+async def test_request_timings_are_settled_on_first_read(
+    anyio_backend: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Splitting each request's time into its breakdown waits until someone reads it (a
+    burst nobody reads request by request does not pay for it), and gives then what the
+    burst saw: once, as a list would, pickled as a list."""
+    import pickle
+
+    from pytest_stallguard import audit
+    from pytest_stallguard.client import running
+    from pytest_stallguard.config import Settings
+    from pytest_stallguard.run import GuardRun
+
+    settled: list[int] = []
+    settle = audit.settle
+
+    def counted(*args: Any) -> Any:
+        settled.append(1)
+        return settle(*args)
+
+    monkeypatch.setattr(audit, "settle", counted)
+    with GuardRun(Settings()) as run:
+        await run.enter_loop()
+        async with running(make_app(), Settings(), run.guard) as client:
+            result = await client.burst("GET", "/fast", n=12)
+        await run.leave_loop()
+    assert settled == []  # nothing read yet
+    assert [r.i for r in result.requests] == list(range(12))
+    assert len(settled) == 12
+    assert all(r.breakdown is not None for r in result.requests)
+    assert result.breakdown is not None and result.breakdown["loop_ms"] > 0
+    as_list = list(result.requests)
+    assert result.requests == as_list and pickle.loads(pickle.dumps(result.requests)) == as_list
+    assert result.to_dict()["requests"] == [r.to_dict() for r in as_list]
+    assert len(settled) == 12  # settled once
