@@ -76,9 +76,24 @@ class Ledger:
         self.issued = issued
         self.open = True  # False once its burst is over: what it holds is settled as is
         self.last_end = issued  # end of its last loop step: it was not ready before that
+        # The spans the pools, threads and SQLAlchemy noted: (rank, start, end).
         self.spans: list[tuple[int, float, float]] = []
-        self.steps = 0
+        # Its loop steps, flat: ready, start, end, ready, start, end, ... (ready == start
+        # when it did not wait). Plain floats, turned into loop_wait and loop spans when
+        # the burst is settled: the per-step path allocates nothing that outlives it.
+        self.steps: list[float] = []
         self.upstreams: dict[str, float] | None = None
+
+    def step_spans(self) -> list[tuple[int, float, float]]:
+        """Its loop steps as loop_wait and loop spans, with the others."""
+        out = list(self.spans)
+        flat = self.steps
+        for k in range(0, len(flat), 3):
+            ready, start, end = flat[k], flat[k + 1], flat[k + 2]
+            if start > ready:
+                out.append((1, ready, start))  # loop_wait
+            out.append((0, start, end))  # loop
+        return out
 
 
 _ledger: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar(
@@ -170,27 +185,24 @@ def _observe(rec: Recorder, start: float, end: float, ctx: contextvars.Context |
     ledger = ctx.get(_ledger)
     if ledger is None:
         return
-    ledger.steps += 1
-    spans = ledger.spans
-    if ready is not None:
-        if ready < ledger.last_end:
-            ready = ledger.last_end
-        if start > ready:
-            spans.append((1, ready, start))  # loop_wait
-    spans.append((0, start, end))  # loop
-    if end > ledger.last_end:
+    last = ledger.last_end
+    if ready is None or ready >= start:
+        ready = start  # not seen scheduled, or not waiting
+    elif ready < last:
+        ready = last if last < start else start  # not ready before its last step ended
+    ledger.steps.extend((ready, start, end))
+    if end > last:
         ledger.last_end = end
 
 
 def _step(ledger: Ledger, ready: float | None, start: float, end: float) -> None:
-    ledger.steps += 1
-    if ready is not None:
-        if ready < ledger.last_end:
-            ready = ledger.last_end
-        if start > ready:
-            ledger.spans.append((1, ready, start))  # loop_wait
-    ledger.spans.append((0, start, end))  # loop
-    if end > ledger.last_end:
+    last = ledger.last_end
+    if ready is None or ready >= start:
+        ready = start
+    elif ready < last:
+        ready = last if last < start else start
+    ledger.steps.extend((ready, start, end))
+    if end > last:
         ledger.last_end = end
 
 
@@ -370,12 +382,15 @@ class Recorder:
         for ledger in ledgers:
             if ledger is None:
                 continue
-            for rank, s, e in ledger.spans:
-                if rank == 1:  # loop_wait: ready at s, ran at e
+            flat = ledger.steps
+            for k in range(0, len(flat), 3):
+                s, e = flat[k], flat[k + 1]  # ready at s, ran at e
+                if e > s:  # loop_wait
                     slot = int((e - t0) * 1000.0)
                     if e - s > lags.get(slot, 0.0):
                         lags[slot] = e - s
-                elif rank == 2:  # thread
+            for rank, s, e in ledger.spans:
+                if rank == 2:  # thread
                     changes.append((s, "threads in use", 1))
                     changes.append((e, "threads in use", -1))
         changes.sort(key=lambda c: c[0])
@@ -474,7 +489,7 @@ def settle(ledger: Ledger, finished: float, t0: float
     ups = {h: s * 1000.0 for h, s in ledger.upstreams.items()} if ledger.upstreams else {}
     if not ledger.steps:  # no loop step seen: the loop watch is not attached (no guard)
         return None, ups, ()
-    t, segments = partition(ledger.spans, ledger.issued, finished)
+    t, segments = partition(ledger.step_spans(), ledger.issued, finished)
     breakdown = {  # in the order of BREAKDOWN_KEYS
         "loop_ms": t[0] * 1000.0,
         "loop_wait_ms": t[1] * 1000.0,
