@@ -15,9 +15,11 @@ tasks it starts and the worker threads it hands work to inherit it. The sources 
 * SQLAlchemy's cursor events: a query with the connection in hand (``io``).
 
 :func:`settle` then *partitions* each request's time, from its issue to its last
-body byte: every instant goes to the highest-ranked span that covers it (loop, loop_wait,
-thread, thread_wait, pool_wait, io, in that order: a request whose own code runs while
-its query is in flight is running, not waiting), and whatever no span covers is
+body byte, when the burst's requests are first read (:class:`.model.RequestTimings`; the
+per-step path only notes floats): every instant goes to the highest-ranked span that
+covers it (loop, loop_wait, thread, thread_wait, pool_wait, io, in that order: a request
+whose own code runs while its query is in flight is running, not waiting), and whatever
+no span covers is
 ``other_ms`` (sleeps, locks, queues, the framework). The parts therefore sum to the latency
 exactly and none is negative (``other_ms`` is what is left, so it cannot go below zero);
 spans outside the request's own interval are clipped to it.
