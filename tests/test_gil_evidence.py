@@ -1,0 +1,285 @@
+"""``call="gil"`` needs evidence that a thread held the GIL, not only a late watchdog.
+
+C work that releases the GIL (hashlib, zlib, argon2, bcrypt) in worker threads keeps the
+CPUs busy: on a loaded machine the loop waits for a CPU, or for a GIL held by a thread the
+OS preempted for a moment, and the workers are in user code when it looks. That is CPU
+contention, not a thread holding the GIL. Threads running Python code one at a time are."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from pytest_stallguard.clock import real
+from pytest_stallguard.loopwatch import watchdog
+from pytest_stallguard.loopwatch.watchdog import Look, holder
+
+# -- the decision, from the looks at the threads ---------------------------------------------
+
+MS = 1_000_000  # ns
+PY, KEEPS, RELEASES, CALL = watchdog.PYTHON, watchdog.KEEPS, watchdog.RELEASES, watchdog.CALL
+
+
+def look(t: float, **threads: tuple[int, str]) -> Look:
+    """Thread name ('t1': ident 1) -> (CPU ms, what its innermost frame was doing)."""
+    return Look(t, {int(k[1:]): (cpu * MS, 0, 0, kind) for k, (cpu, kind) in threads.items()})
+
+
+def test_threads_running_python_one_at_a_time_held_the_gil() -> None:
+    # two threads ran Python (one caught between bytecodes), 60 ms in a 100 ms window
+    before = look(0.0, t1=(0, PY), t2=(0, CALL))
+    after = look(0.100, t1=(40, PY), t2=(20, CALL))
+    found = holder(before, after, set(), waited=0.080)
+    assert found is not None
+    ident, evidence = found
+    assert ident == 1
+    assert evidence.startswith("this thread was running Python code (stopped between bytecodes")
+    assert "ran 40.0 ms of CPU in the 100.0 ms window" in evidence
+    assert "the threads that can hold the GIL ran 60.0 ms, one at a time" in evidence
+
+
+def test_a_c_call_that_keeps_the_gil_is_evidence() -> None:
+    found = holder(look(0.0, t1=(0, KEEPS)), look(0.110, t1=(90, KEEPS)), set(), 0.100)
+    assert found is not None and found[0] == 1
+    assert "was at a C call that keeps the GIL" in found[1]
+
+
+def test_threads_inside_calls_that_release_the_gil_are_no_evidence() -> None:
+    # hashing threads, however late the loop got the GIL back
+    before = look(0.0, t1=(0, RELEASES), t2=(0, RELEASES), t3=(0, RELEASES))
+    after = look(0.100, t1=(60, RELEASES), t2=(55, RELEASES), t3=(50, RELEASES))
+    assert holder(before, after, set(), waited=0.080) is None
+    # one finished its hash and was caught in Python code: its CPU went to the hash
+    after = look(0.100, t1=(60, PY), t2=(55, RELEASES), t3=(50, RELEASES))
+    assert holder(before, after, set(), waited=0.080) is None
+    # one thread caught in Python, but hashing threads ran beside it
+    before = look(0.0, t1=(0, PY), t2=(0, RELEASES))
+    after = look(0.100, t1=(40, PY), t2=(30, RELEASES))
+    assert holder(before, after, set(), waited=0.080) is None
+
+
+def test_other_c_calls_alone_are_no_evidence() -> None:
+    # a C call of unknown kind: could release the GIL
+    assert holder(look(0.0, t1=(0, CALL)), look(0.110, t1=(90, CALL)), set(), 0.100) is None
+
+
+def test_threads_that_ran_too_little_or_too_much_together_are_no_evidence() -> None:
+    before = look(0.0, t1=(0, PY), t2=(0, CALL))
+    # ran 10 ms of a 100 ms wait: it slept, the loop waited on something else
+    assert holder(before, look(0.120, t1=(10, PY), t2=(0, CALL)), set(), 0.100) is None
+    # more CPU than one at a time can give: they did not take turns on the GIL
+    assert holder(before, look(0.050, t1=(45, PY), t2=(40, CALL)), set(), 0.040) is None
+    # the skipped threads (the loops, the watchdog) are never the holder
+    assert holder(before, look(0.120, t1=(90, PY), t2=(0, CALL)), {1}, 0.100) is None
+
+
+def _spin() -> None:
+    deadline = time.thread_time() + 0.3
+    while time.thread_time() < deadline:
+        _mix(1, 2)
+
+
+def _mix(a: int, b: int) -> int:
+    return (a * 31 + b) & 0xFFFF
+
+
+def _hash() -> None:
+    deadline = time.thread_time() + 0.3
+    while time.thread_time() < deadline:
+        hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 20_000)
+
+
+@pytest.mark.parametrize(("target", "expected"), [(_spin, KEEPS), (_hash, RELEASES)])
+def test_doing_tells_python_from_a_gil_releasing_call(target: Any, expected: str) -> None:
+    thread = threading.Thread(target=target)
+    thread.start()
+    seen: list[str] = []
+    try:
+        while thread.is_alive() and len(seen) < 20:
+            real.sleep(0.005)
+            frame = sys._current_frames().get(thread.ident or -1)
+            if frame is not None:
+                seen.append(watchdog.doing(frame))
+            del frame
+    finally:
+        thread.join(timeout=10)
+    assert seen and seen.count(expected) >= 0.8 * len(seen), seen
+
+
+@pytest.mark.skipif(not watchdog._HAS_THREAD_CLOCKS, reason="per-thread CPU clocks (Linux)")
+def test_take_look_reads_other_threads_cpu_without_their_ident_clock() -> None:
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    try:
+        first = watchdog.take_look(sys._current_frames(), {}, threading.get_ident())
+        real.sleep(0.05)
+        second = watchdog.take_look(sys._current_frames(), {}, threading.get_ident())
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert thread.ident is not None
+    assert threading.get_ident() not in first.threads
+    assert second.threads[thread.ident][0] > first.threads[thread.ident][0]
+
+
+# -- the clean twin: GIL-releasing C work in worker threads beside CPU burners ---------------
+
+APP = """
+import hashlib
+
+from fastapi import FastAPI
+
+
+def create_app():
+    app = FastAPI()
+
+    @app.post("/login")
+    def login():
+        # OpenSSL's PBKDF2 runs with the GIL released (about 50 ms here)
+        digest = hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 200_000)  # HASH-LINE
+        return {"ok": len(digest)}
+
+    return app
+"""
+
+# Bounded by itself too: it ends after 120 s even if the kill in the test never ran.
+BURNER = (
+    "import time\n"
+    "end = time.monotonic() + 120\n"
+    "while time.monotonic() < end:\n"
+    "    pass\n"
+)
+
+
+def _burners(n: int) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(n)]
+
+
+def _stop(procs: list[subprocess.Popen[Any]]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait(timeout=10)
+
+
+def test_gil_releasing_c_work_in_threads_beside_cpu_burners_is_not_the_gil(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(myapp=APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def stall_app():
+            return create_app()
+
+        async def test_logins(stall_client):
+            for _ in range(5):
+                r = await stall_client.burst("POST", "/login", n=30, concurrency=30)
+                assert r.statuses == {200: 30}, r.statuses
+        """
+    )
+    burners = _burners(2)
+    try:
+        result = pytester.runpytest("-p", "no:asyncio", "--stall-report-json=r.json")
+    finally:
+        _stop(burners)
+    report = json.loads((pytester.path / "r.json").read_text())
+    findings = [f for t in report["tests"] for f in t["findings"]]
+    gil = [f for f in findings if f.get("call") == "gil"]
+    assert gil == [], gil
+    assert [t["nodeid"].split("::")[1] for t in report["tests"]] == ["test_logins[asyncio]"]
+    # what the burst got back was checked in the inner test (statuses); it ran to its end
+    result.assert_outcomes(**({"passed": 1} if not findings else {"failed": 1}))
+
+
+TP_APP = """
+import time
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+
+def mix(h, i):
+    return (h * 31 + i) & 0xFFFFFFFF  # MIX-LINE
+
+
+def crunch(ms):
+    # pure Python, 300 ms of this thread's CPU: it holds the GIL while it runs
+    deadline = time.thread_time() + ms / 1000.0
+    h = 0
+    while time.thread_time() < deadline:
+        for i in range(100):
+            h = mix(h, i)  # CRUNCH-LINE
+    return h
+
+
+def create_app():
+    app = FastAPI()
+
+    @app.get("/report")
+    async def report():
+        return {"n": await anyio.to_thread.run_sync(crunch, 300)}
+
+    return app
+"""
+
+
+def test_pure_python_threads_starving_the_loop_are_the_gil(pytester: pytest.Pytester) -> None:
+    """The true positive, in the same conditions as the clean twin: eight requests run a
+    pure-Python loop in worker threads at once beside two CPU burners (they take turns on
+    the GIL with the loop)."""
+    pytester.makepyfile(myapp=TP_APP)
+    pytester.syspathinsert()
+    pytester.makepyfile(
+        """
+        import anyio
+        import pytest
+        from myapp import create_app
+
+        @pytest.fixture
+        def stall_app():
+            return create_app()
+
+        async def test_reports(stall_client):
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(stall_client.get, "/report")
+        """
+    )
+    burners = _burners(2)
+    try:
+        result = pytester.runpytest("-p", "no:asyncio", "--stall-report-json=r.json")
+    finally:
+        _stop(burners)
+    report = json.loads((pytester.path / "r.json").read_text())
+    gil = [f for t in report["tests"] for f in t["findings"] if f.get("call") == "gil"]
+    assert gil, report
+    # any line of the two functions (a thread made to give the GIL up on entering mix()
+    # is at its def line)
+    written = (pytester.path / "myapp.py").read_text().splitlines()
+    first = {fn: next(i for i, t in enumerate(written, 1) if f"def {fn}(" in t)
+             for fn in ("mix", "crunch", "create_app")}
+    expected = {("myapp.py", i, "mix") for i in range(first["mix"], first["crunch"])} | {
+        ("myapp.py", i, "crunch") for i in range(first["crunch"], first["create_app"])
+    }
+    assert {(f["file"], f["line"], f["function"]) for f in gil} <= expected, gil
+    evidence = ("this thread was running Python code", "this thread was at a C call that keeps")
+    assert all(any(e in f["message"] for e in evidence) for f in gil), gil
+    result.assert_outcomes(failed=1)
