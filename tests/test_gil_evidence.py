@@ -7,8 +7,10 @@ contention, not a thread holding the GIL. Threads running Python code one at a t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from pytest_stallguard.loopwatch.watchdog import Look, holder
 
 MS = 1_000_000  # ns
 PY, KEEPS, RELEASES, CALL = watchdog.PYTHON, watchdog.KEEPS, watchdog.RELEASES, watchdog.CALL
+WAITS, NEAR = watchdog.WAITS, watchdog.NEAR_RELEASE
 
 
 def look(t: float, **threads: tuple[int, str]) -> Look:
@@ -65,6 +68,27 @@ def test_threads_inside_calls_that_release_the_gil_are_no_evidence() -> None:
     assert holder(before, after, set(), waited=0.080) is None
 
 
+def test_a_worker_idle_at_the_start_is_judged_by_what_it_did_after() -> None:
+    """An idle worker waits in queue.get() (a blocking wait that releases the GIL) when the
+    window opens, then picks up json.dumps and holds the GIL: its CPU in the window is the
+    dumps call's. (Judged by its state at the start, it counted as releasing: no finding for
+    a true hold, tests/test_loopwatch.py::test_gil_held_by_a_worker_thread.)"""
+    found = holder(look(0.0, t1=(0, WAITS)), look(0.600, t1=(370, KEEPS)), set(), 0.466)
+    assert found is not None and found[0] == 1
+    assert "idle in a blocking wait when it opened: its CPU was spent after that" in found[1]
+    found = holder(look(0.0, t1=(0, WAITS)), look(0.120, t1=(90, PY)), set(), 0.100)
+    assert found is not None and found[0] == 1
+    # but a thread in GIL-releasing work when the window opened still counts as releasing
+    assert holder(look(0.0, t1=(0, RELEASES)), look(0.600, t1=(370, KEEPS)), set(), 0.466) is None
+
+
+def test_python_code_beside_a_gil_releasing_call_is_no_evidence() -> None:
+    # caught in the Python code of a function that hashes: its CPU may be the hash's
+    before = look(0.0, t1=(0, WAITS), t2=(0, WAITS))
+    assert holder(before, look(0.120, t1=(90, NEAR), t2=(0, WAITS)), set(), 0.100) is None
+    assert holder(before, look(0.120, t1=(50, PY), t2=(40, NEAR)), set(), 0.100) is None
+
+
 def test_other_c_calls_alone_are_no_evidence() -> None:
     # a C call of unknown kind: could release the GIL
     assert holder(look(0.0, t1=(0, CALL)), look(0.110, t1=(90, CALL)), set(), 0.100) is None
@@ -94,6 +118,58 @@ def _hash() -> None:
     deadline = time.thread_time() + 0.3
     while time.thread_time() < deadline:
         hashlib.pbkdf2_hmac("sha256", b"pw", b"salt", 20_000)
+
+
+def _idle(stop: threading.Event) -> None:
+    q: queue.Queue[int] = queue.Queue()
+    while not stop.is_set():
+        with contextlib.suppress(queue.Empty):
+            q.get(timeout=0.05)
+
+
+def _dumps() -> None:
+    rows = [{"id": i, "name": f"row {i}", "tags": ["a", "b"]} for i in range(20_000)]
+    deadline = time.thread_time() + 0.3
+    while time.thread_time() < deadline:
+        json.dumps(rows)
+
+
+def _hash_then_python() -> None:
+    deadline = time.thread_time() + 0.3
+    while time.thread_time() < deadline:
+        digest = hashlib.sha256(b"x" * 64).digest()
+        for _ in range(2_000):
+            digest = digest[1:] + digest[:1]
+
+
+def test_doing_tells_an_idle_worker_and_the_json_encoder() -> None:
+    """An idle worker in queue.get() waits (no CPU); a thread inside json.dumps is in a C
+    call that keeps the GIL, although the line that calls the C encoder names no callable
+    known to keep it; Python code of a function that hashes is near a releasing call."""
+    stop = threading.Event()
+    threads = {
+        WAITS: threading.Thread(target=_idle, args=(stop,)),
+        KEEPS: threading.Thread(target=_dumps),
+        NEAR: threading.Thread(target=_hash_then_python),
+    }
+    for thread in threads.values():
+        thread.start()
+    seen: dict[str, list[str]] = {kind: [] for kind in threads}
+    try:
+        for _ in range(40):
+            real.sleep(0.005)
+            frames = sys._current_frames()
+            for kind, thread in threads.items():
+                frame = frames.get(thread.ident or -1)
+                if frame is not None and thread.is_alive():
+                    seen[kind].append(watchdog.doing(frame))
+            del frames, frame
+    finally:
+        stop.set()
+        for thread in threads.values():
+            thread.join(timeout=10)
+    for kind, kinds in seen.items():
+        assert kinds and kinds.count(kind) >= 0.7 * len(kinds), (kind, kinds)
 
 
 @pytest.mark.parametrize(("target", "expected"), [(_spin, KEEPS), (_hash, RELEASES)])

@@ -22,10 +22,13 @@ in which the loop thread neither ran nor waited for a CPU, judged by :mod:`.watc
 :func:`holder` names the thread that held it: threads whose frame moved on ran bytecode,
 which needs the GIL, one at a time, with no thread inside a C call running beside them; or
 the only thread that ran, inside one call, nearly all the wait (a C call that keeps the
-GIL). Threads doing C work that releases the GIL (argon2, bcrypt, hashlib, zlib) stay inside
-their call and run side by side, or get too small a share of a loaded CPU: no evidence, no
-finding. The message gives the evidence. Without per-thread clocks or ``/proc`` schedstat
-(not Linux) there is no evidence and no ``gil`` finding.
+GIL). A thread idle in a blocking wait when the window opens (a worker in ``queue.get()``)
+is judged by what it was doing at its end: its CPU was spent after the wait. Threads doing C
+work that releases the GIL (argon2, bcrypt, hashlib, zlib) stay inside their call and run
+side by side, are caught in the Python code of a function that makes such a call, or get
+too small a share of a loaded CPU: no evidence, no finding. The message gives the evidence.
+Without per-thread clocks or ``/proc`` schedstat (not Linux) there is no evidence and no
+``gil`` finding.
 """
 
 from __future__ import annotations
@@ -375,8 +378,12 @@ class Look:
 # What a thread's innermost frame was doing when looked at:
 PYTHON = "python"  # stopped between bytecodes (not at a call): it was running Python code
 KEEPS = "keeps"  # inside a C call known to keep the GIL (json, re, sorted, pickle)
-RELEASES = "releases"  # inside a C call known to release it (hashing, compression, I/O)
+RELEASES = "releases"  # inside a C call known to release it for its work (hashing, I/O)
+WAITS = "waits"  # inside a blocking wait that releases it and uses no CPU (queue.get, sleep)
 CALL = "call"  # inside some other C call: either
+# Caught running Python code in a function that itself calls a GIL-releasing function
+# (hashing, compression): its CPU may have gone to that call, it is no evidence.
+NEAR_RELEASE = "near-release"
 
 # Names on the line of a call (the callable as the source names it) that tell a C call
 # which releases the GIL for its work, or keeps it. Looked up in that order.
@@ -387,8 +394,17 @@ _RELEASING_NAMES = frozenset(
         "compress", "decompress", "flush", "update", "digest", "hexdigest", "file_digest",
         "sha1", "sha224", "sha256", "sha384", "sha512", "md5", "blake2b", "blake2s",
         "sha3_256", "sha3_512", "crc32", "adler32",
-        "sleep", "recv", "recv_into", "send", "sendall", "read", "readinto", "write",
-        "select", "poll", "connect", "accept", "acquire", "wait", "join", "get",
+        "read", "readinto", "write",
+    }
+)
+# Blocking waits (an idle worker in ``queue.get()``, a sleep) and socket calls (a worker
+# waking the loop through its self-pipe): the thread uses little or no CPU in them, so a
+# thread seen in one at a window's start spent its CPU in the window on what it did after:
+# it is judged by what it was doing at the window's end.
+_WAITING_NAMES = frozenset(
+    {
+        "sleep", "recv", "recv_into", "recvfrom", "send", "sendall", "sendto", "select",
+        "poll", "connect", "accept", "acquire", "wait", "join", "get",
     }
 )
 _RELEASING_MODULES = ("hashlib", "zlib", "bz2", "lzma", "argon2", "bcrypt", "nacl", "ssl")
@@ -405,6 +421,9 @@ _KEEPING_NAMES = frozenset(
         "strip", "items", "keys", "values", "randint", "random", "choice",
     }
 )
+# Modules whose C calls keep the GIL: a thread at a call in their Python code (the
+# encoder's call of its C scanner) is inside such a call.
+_KEEPING_MODULES = ("json/", "re/", "pickle.py", "copy.py", "csv.py")
 _CALL_OPS = frozenset(
     name
     for name in dis.opname
@@ -425,7 +444,7 @@ def doing(frame: FrameType) -> str:
     raw = code.co_code
     op = dis.opname[raw[lasti]] if 0 <= lasti < len(raw) else ""
     if op not in _CALL_OPS:
-        kind = PYTHON
+        kind = NEAR_RELEASE if _calls_releasing(code) else PYTHON
     else:
         names: list[str] = []  # loaded by name on the call's line, before the call
         for ins in dis.get_instructions(code):
@@ -435,20 +454,48 @@ def doing(frame: FrameType) -> str:
                 names = []
             if ins.opname.startswith(("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD", "LOAD_NAME")):
                 names.append(str(ins.argval))
+        module = library_path(code.co_filename)
         if any(n in _RELEASING_NAMES or n in _RELEASING_MODULES for n in names):
             kind = RELEASES
+        elif any(n in _WAITING_NAMES for n in names):
+            kind = WAITS
         elif any(n in _KEEPING_NAMES for n in names):
-            kind = KEEPS
-        elif code.co_filename.replace("\\", "/").split("/site-packages/")[-1].startswith(
-            _RELEASING_MODULES
-        ):
+            kind = NEAR_RELEASE if _calls_releasing(code) else KEEPS
+        elif module.startswith(_RELEASING_MODULES):
             kind = RELEASES
+        elif module.startswith(_KEEPING_MODULES):
+            kind = KEEPS
         else:
             kind = CALL
     if len(_kinds) > 4096:
         _kinds.clear()
     _kinds[key] = kind
     return kind
+
+
+# The names of :data:`_RELEASING_NAMES` that do CPU work (not I/O, not names as common as
+# ``update``), for :func:`_calls_releasing`.
+_WORK_NAMES = frozenset(
+    {
+        "pbkdf2_hmac", "scrypt", "hashpw", "checkpw", "kdf", "argon2_hash", "argon2_verify",
+        "hash_secret", "hash_secret_raw", "verify_secret", "PasswordHasher", "compress",
+        "decompress", "file_digest", "sha1", "sha224", "sha256", "sha384", "sha512", "md5",
+        "blake2b", "blake2s", "sha3_256", "sha3_512", "crc32", "adler32",
+    }
+)
+_releasing_code: dict[CodeType, bool] = {}
+
+
+def _calls_releasing(code: CodeType) -> bool:
+    """Whether the function of ``code`` calls a function known to release the GIL for its
+    work (names it: ``hashlib.pbkdf2_hmac``, ``zlib.compress``, ``bcrypt.hashpw``)."""
+    found = _releasing_code.get(code)
+    if found is None:
+        found = any(n in _WORK_NAMES or n in _RELEASING_MODULES for n in code.co_names)
+        if len(_releasing_code) > 4096:
+            _releasing_code.clear()
+        _releasing_code[code] = found
+    return found
 
 
 def _clock_of(native_id: int) -> int:
@@ -514,7 +561,7 @@ def holder(
     ``_BESIDE`` of that beside them. C work that releases the GIL in threads (argon2,
     bcrypt, hashlib, zlib) is no evidence however late the loop got the GIL back: on a
     loaded machine a thread preempted while it briefly holds the GIL makes all wait."""
-    holders: list[tuple[float, int, str]] = []  # caught running Python or keeping it
+    holders: list[tuple[float, int, str, str]] = []  # caught running Python or keeping it
     maybe = 0.0  # CPU of threads inside other C calls
     beside = 0.0  # CPU of threads inside calls that release the GIL
     for ident, (cpu1, _frame, _lasti, kind) in after.threads.items():
@@ -528,9 +575,11 @@ def holder(
             continue
         if old[3] == RELEASES:
             kind = RELEASES  # its CPU in the window went (at least partly) to that call
+        # A thread in a blocking wait at the start (an idle worker in queue.get()) used no
+        # CPU there: what it ran came after, judged by what it was doing at the end.
         if kind in (PYTHON, KEEPS):
-            holders.append((ran, ident, kind))
-        elif kind == RELEASES:
+            holders.append((ran, ident, kind, old[3]))
+        elif kind in (RELEASES, NEAR_RELEASE):
             beside += ran
         else:
             maybe += ran
@@ -541,7 +590,7 @@ def holder(
     may = held + maybe
     if may < _RAN * waited or may > _ONE_AT_A_TIME * window or beside > _BESIDE * may:
         return None
-    ran, ident, kind = max(holders)
+    ran, ident, kind, start = max(holders)
     what = (
         "was running Python code (stopped between bytecodes, made to give the GIL up)"
         if kind == PYTHON
@@ -550,10 +599,20 @@ def holder(
     )
     return ident, (
         f"this thread {what} and ran {ran * 1000.0:.1f} ms of CPU in the "
-        f"{window * 1000.0:.1f} ms window; the threads that can hold the GIL ran "
-        f"{may * 1000.0:.1f} ms, one at a time, threads in calls that release it "
-        f"{beside * 1000.0:.1f} ms"
+        f"{window * 1000.0:.1f} ms window ({_AT_START.get(start, _AT_START[CALL])}); the "
+        f"threads that can hold the GIL ran {may * 1000.0:.1f} ms, one at a time, threads "
+        f"in calls that release it {beside * 1000.0:.1f} ms"
     )
+
+
+# What a holder was doing when the window opened, in the evidence's words.
+_AT_START = {
+    PYTHON: "running Python code when it opened",
+    KEEPS: "at a C call that keeps the GIL when it opened",
+    WAITS: "idle in a blocking wait when it opened: its CPU was spent after that",
+    NEAR_RELEASE: "running Python code when it opened",
+    CALL: "inside a C call when it opened",
+}
 
 
 def sample(st: LoopState, start: float, seq: int) -> None:
