@@ -93,6 +93,7 @@ class Samples:
         "inside",
         "inside_n",
         "library",
+        "library_depth",
         "outside_after",
         "outside_before",
         "outside_n",
@@ -103,6 +104,9 @@ class Samples:
         self.inside: Location | None = None  # deepest user frame inside a request (latest)
         # no user frame on the stack: the innermost sampled frame outside the plugin
         self.library: Location | None = None
+        # its depth from the step's boundary: the deepest is kept (a sample taken as the
+        # step ends sees only the loop's frame that ran the callback)
+        self.library_depth = -1
         self.depth = -1
         # the request when the deepest location was seen (else the latest seen): the
         # response may be sent (label "background") before the step ends
@@ -630,7 +634,7 @@ def sample(st: LoopState, start: float, seq: int) -> None:
     label = info.request if info is not None else None
     after = real.perf_counter()
     loc, depth = walk(frame)
-    library = innermost_outside_plugin(frame) if loc is None else None
+    library, library_depth = innermost_outside_plugin(frame) if loc is None else (None, 0)
     del frame
     with st.lock:
         if st.start != start or st.seq != seq:
@@ -651,8 +655,8 @@ def sample(st: LoopState, start: float, seq: int) -> None:
                 samples.request = label
             elif samples.inside is None:
                 samples.request = label  # no location yet: the latest label
-                if library is not None:
-                    samples.library = library
+                if library is not None and library_depth >= samples.library_depth:
+                    samples.library, samples.library_depth = library, library_depth
         else:
             samples.outside_n += 1
             if not samples.inside_n:
@@ -755,11 +759,14 @@ def suspended(owner: Any) -> tuple[Location | None, bool]:
     return None, False
 
 
-def innermost_outside_plugin(frame: FrameType | None) -> Location | None:
-    """The innermost frame of a running step that is not the plugin's (stdlib or an
-    installed library: no user frame was on the stack), or None. Library frames called by
-    a frame of the plugin (its own bookkeeping) are the plugin's: not named."""
+def innermost_outside_plugin(frame: FrameType | None) -> tuple[Location | None, int]:
+    """(the innermost frame of a running step that is not the plugin's (stdlib or an
+    installed library: no user frame was on the stack), its depth from the step boundary),
+    or (None, 0). Library frames called by a frame of the plugin (its own bookkeeping) are
+    the plugin's: not named."""
     found: FrameType | None = None
+    found_at = 0
+    frames = 0
     while frame is not None:
         code = frame.f_code
         if _is_step_boundary(code) or _is_attributed(code):
@@ -767,12 +774,13 @@ def innermost_outside_plugin(frame: FrameType | None) -> Location | None:
         if is_plugin_file(code.co_filename):
             found = None  # what ran inside it was ours
         elif found is None:
-            found = frame
+            found, found_at = frame, frames
+        frames += 1
         frame = frame.f_back
     if found is None:
-        return None
+        return None, 0
     code = found.f_code
-    return library_path(code.co_filename), found.f_lineno, code.co_name
+    return (library_path(code.co_filename), found.f_lineno, code.co_name), frames - found_at
 
 
 def has_user_frame(frame: FrameType | None) -> bool:
