@@ -19,7 +19,8 @@ from collections.abc import Callable
 class _RealClocks:
     """Holder of the real time functions (an instance attribute is not a module attribute)."""
 
-    __slots__ = ("monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "sleep", "time")
+    __slots__ = ("monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns", "sleep",
+                 "thread_time_ns", "time")
 
     def __init__(self) -> None:
         self.monotonic: Callable[[], float] = time.monotonic
@@ -28,6 +29,8 @@ class _RealClocks:
         self.perf_counter_ns: Callable[[], int] = time.perf_counter_ns
         self.time: Callable[[], float] = time.time
         self.sleep: Callable[[float], None] = time.sleep
+        # CPU time of the calling thread (the loop thread's work in a step, on a busy machine)
+        self.thread_time_ns: Callable[[], int] = time.thread_time_ns
 
 
 real = _RealClocks()

@@ -437,6 +437,24 @@ async def test_the_watchdogs_own_turn_with_the_gil_is_not_blamed(
 # -- attach / detach -------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="no /proc schedstat")
+@pytest.mark.anyio
+async def test_attach_takes_the_first_run_queue_reading(anyio_backend: Any) -> None:
+    """A loop's first step (a TestClient's first request starts right after the attach,
+    before the watchdog ever woke) has a reading from before it: on a busy machine its wait
+    for a CPU is discounted like any other step's."""
+    watch = LoopWatch(20)  # not started: no watchdog reads anything
+    watch.attach()
+    try:
+        [st] = watch._mine.values()
+        assert st.rq_fd >= 0
+        assert len(st.rq_hist) == 1 and len(st.cpu_hist) == 1
+        assert st.rq_hist[0][0] <= real.perf_counter()
+    finally:
+        watch.detach_all()
+    assert st.rq_fd == -1  # closed with the detach
+
+
 @pytest.mark.anyio
 async def test_attach_is_idempotent_and_detach_restores(anyio_backend: Any) -> None:
     original_run = asyncio.events.Handle._run
@@ -760,6 +778,64 @@ def test_waiting_is_capped_by_the_time_off_the_cpu(monkeypatch: pytest.MonkeyPat
     # Without the watchdog's turns, preemption alone, as before.
     st.held.clear()
     assert waited(10, 150) == pytest.approx(0.150)
+
+
+def test_a_busy_machine_has_the_steps_read_their_cpu_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The wait for a CPU before a step and in it are told apart by the step's exact CPU
+    time, read at its start while the watchdog sees the loop thread wait for a CPU."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    st.rq_fd = 1_000_000  # faked: run_queue_ns is patched
+    waits = iter([0, 200_000, 400_000, 5_000_000, 5_100_000])  # ns, one per reading
+    monkeypatch.setattr(discount, "run_queue_ns", lambda fd: next(waits))
+    monkeypatch.setattr(discount, "cpu_ns", lambda fd: 0)
+    clock = [100.0]
+    monkeypatch.setattr(discount, "_now", lambda: clock[0])
+    for precise in (False, False, False, True):  # 0.2 ms waits, then 4.6 ms in a reading
+        clock[0] += 0.005
+        discount.read_run_queue(st)
+        assert st.precise is precise
+        steps._begin(st, None)
+        assert (st.cpu0 >= 0) is precise
+    clock[0] += discount.PRECISE_FOR_S + 0.005  # quiet again (0.1 ms) for that long
+    discount.read_run_queue(st)
+    assert st.precise is False
+    steps._begin(st, None)
+    assert st.cpu0 == -1
+    st.start = 0.0
+
+
+def test_exact_cpu_time_decides_what_was_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the step's exact CPU time, the whole wait since the last reading counts, capped
+    by the time off the CPU: a step that mostly waited for a CPU (even if the wait began
+    just before the step) is not the app's; a step that ran on the CPU is, in full."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    st.rq_fd = 1_000_000
+    start, duration = 100.0, 0.096
+    monkeypatch.setattr(discount, "_now", lambda: start + duration)
+    st.rq_hist.append((start - 0.030, 0, 0.0))  # read 30 ms before the step
+    monkeypatch.setattr(discount, "run_queue_ns", lambda fd: 88_000_000)  # 88 ms since
+
+    def waited(cpu_ms: float | None) -> float:
+        cpu = None if cpu_ms is None else cpu_ms / 1000.0
+        preempted = discount.preempted_s(st, start, duration, whole=cpu is not None)
+        return discount.waited_s(st, start, duration, preempted, 0.0, cpu)
+
+    # 4 ms on the CPU, 92 ms off it: the 88 ms wait all counts, 8 ms is the app's.
+    assert duration - waited(4) == pytest.approx(0.008)
+    # Without the exact reading, the 30 ms before the step is counted half: 43 ms left,
+    # a false stall.
+    assert duration - waited(None) == pytest.approx(0.096 - (0.088 - 0.015))
+    # 60 ms on the CPU (a real stall after a wait for a CPU): only 36 ms off it may go.
+    assert duration - waited(60) == pytest.approx(0.060)
+    # step_cpu_s reads the thread's CPU time since the step's start.
+    st.cpu0 = -1
+    assert discount.step_cpu_s(st) is None
+    st.cpu0 = real.thread_time_ns()
+    assert 0.0 <= discount.step_cpu_s(st) < 1.0  # type: ignore[operator]
 
 
 def test_run_queue_history_keeps_the_reading_before_a_long_step(

@@ -344,7 +344,7 @@ async def test_httpx_pool_wait_over_threshold(shrink: ShrinkPools,
         async with asgi_client(app) as client:
             await client.get("/pay")
             shrink.httpx(upstream_client, max_connections=1, pool_timeout=2.0)
-            with Guard(threshold_ms=50) as g, PoolWatch() as watch:
+            with Guard(threshold_ms=50) as g, PoolWatch(wait_set=True) as watch:
                 statuses = await fire(client, "/pay", 3)
     assert statuses == [200] * 3
     [finding] = g.findings

@@ -11,7 +11,11 @@
   the wait before it counted as the app's). Wait that may have fallen in the gap between
   that reading and the step start (at most one poll interval, threshold/4) is counted
   half: the estimate of the app's time is off by at most threshold/8 either way, and only
-  when the loop was preempted. Nothing reads ``/proc`` on the per-step path.
+  when the loop was preempted. Nothing reads ``/proc`` on the per-step path. While the
+  watchdog sees the loop thread wait for a CPU, each step reads the thread's CPU time at
+  its start (a syscall, only then): a long step then knows exactly how long it was off the
+  CPU, and the whole wait since the last reading counts, capped by that (a wait that began
+  before the step cannot take any of the step's CPU work).
 * Trapped blocking calls: time inside a call :mod:`..traps` recorded (the blocking-call
   finding already names it).
 * The watchdog's own turns with the GIL: sampling takes microseconds, but a watchdog
@@ -124,6 +128,21 @@ def open_schedstat(native_id: int) -> int:
         return -1
 
 
+def first_reading(st: LoopState) -> None:
+    """Loop thread, at attach: open its schedstat file and take the first reading, so the
+    loop's first steps (a TestClient's first request starts right after the attach, before
+    the watchdog's first wake) have a reading from before them. ``O_NONBLOCK``: the traps
+    leave such opens alone. Never raises."""
+    if st.rq_fd != -2:
+        return
+    try:
+        st.rq_fd = os.open(f"/proc/self/task/{st.native_id}/schedstat",
+                           os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return  # the watchdog tries again (and notes nothing: schedstat is optional)
+    read_run_queue(st)
+
+
 def close_schedstat(st: LoopState) -> None:
     fd, st.rq_fd = st.rq_fd, -1
     if fd >= 0:
@@ -148,6 +167,12 @@ def cpu_ns(fd: int) -> int:
         return -1
 
 
+# Run-queue wait between two readings that turns on the steps' CPU readings, and for how
+# long they stay on after the last such reading.
+PRECISE_AFTER_NS = 1_000_000
+PRECISE_FOR_S = 2.0
+
+
 def read_run_queue(st: LoopState) -> None:
     """Watchdog: append a timestamped run-queue reading of the loop thread to its history.
 
@@ -163,6 +188,12 @@ def read_run_queue(st: LoopState) -> None:
         return
     inside = start if start and start == st.start and start < before else 0.0
     with st.lock:
+        # Waiting for a CPU now: have the steps read their CPU time for a while.
+        if st.rq_hist and rq - st.rq_hist[-1][1] > PRECISE_AFTER_NS:
+            st.precise_until = after + PRECISE_FOR_S
+            st.precise = True
+        elif st.precise and after > st.precise_until:
+            st.precise = False
         for hist, value in ((st.rq_hist, rq), (st.cpu_hist, cpu)):
             if inside and hist and hist[-1][2] == inside:
                 hist[-1] = (after, value, inside)
@@ -170,10 +201,11 @@ def read_run_queue(st: LoopState) -> None:
                 hist.append((after, value, inside))
 
 
-def preempted_s(st: LoopState, start: float, duration: float) -> float:
+def preempted_s(st: LoopState, start: float, duration: float, whole: bool = False) -> float:
     """Loop thread, at the end of a long step: the run-queue wait of the step that started
     at ``start``, from the last reading taken before the start; the part of it that could
-    have fallen outside the step (between that reading and the start) is counted half. The
+    have fallen outside the step (between that reading and the start) is counted half, or
+    whole if ``whole`` (the caller caps it by the step's exact time off the CPU). The
     reading taken here is kept as the baseline of the steps after this one.
 
     Without a reading from before the start (a step that started before the watchdog's
@@ -197,6 +229,8 @@ def preempted_s(st: LoopState, start: float, duration: float) -> float:
             # woken from select waits for a CPU too under load) or after it: of what could
             # have, half is counted (exact bounds: all of it or none).
             wait = max((now_rq - rq) / 1e9, 0.0)
+            if whole:
+                return min(wait, duration)
             outside = max((start - t) + (now - start - duration), 0.0)
             return min(wait - min(wait, outside) / 2.0, duration)
     base_t, base_rq, _ = hist[0]
@@ -230,14 +264,28 @@ def on_cpu_s(st: LoopState, start: float, duration: float) -> float | None:
     return None
 
 
+def step_cpu_s(st: LoopState) -> float | None:
+    """Loop thread, at the end of a long step: its CPU time during the step, exact, when
+    the step read it at its start (the machine was busy); else None."""
+    if st.cpu0 < 0:
+        return None
+    return max(real.thread_time_ns() - st.cpu0, 0) / 1e9
+
+
 def waited_s(st: LoopState, start: float, duration: float, preempted: float,
-             blocked: float) -> float:
+             blocked: float, cpu: float | None = None) -> float:
     """How much of a long step the loop thread spent waiting through no doing of the app:
     preempted by other processes, or kept off the GIL by the watchdog (:func:`held_s`).
     The two overlap (a thread waiting for the GIL wakes every switch interval and queues
     for a CPU too), so their sum is capped by the time the thread was off the CPU and not
-    in a trapped call; without a CPU reading, the larger of the two counts."""
+    in a trapped call; without a CPU reading, the larger of the two counts.
+
+    ``cpu``, the step's exact CPU time (:func:`step_cpu_s`), makes the cap exact: then
+    ``preempted`` is the whole wait since the reading before the step
+    (``preempted_s(whole=True)``), and what the cap leaves is the app's."""
     held = held_s(st, start, start + duration)
+    if cpu is not None:
+        return min(preempted + held, max(duration - cpu - blocked, 0.0))
     if not held:
         return preempted
     cpu = on_cpu_s(st, start, duration)

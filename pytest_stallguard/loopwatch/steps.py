@@ -50,6 +50,7 @@ class LoopState:
 
     __slots__ = (
         "active",
+        "cpu0",
         "cpu_hist",
         "ctx",
         "end",
@@ -59,6 +60,8 @@ class LoopState:
         "loop",
         "native_id",
         "patches",
+        "precise",
+        "precise_until",
         "rq_fd",
         "rq_hist",
         "sample_seq",
@@ -87,6 +90,12 @@ class LoopState:
         # (real.perf_counter after the read, CPU time in ns, as rq_hist), read with it
         self.cpu_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
         self.held: deque[tuple[float, float]] = deque(maxlen=64)
+        # While the machine keeps the loop thread waiting for a CPU (the watchdog sees its
+        # run-queue wait grow), each step reads the thread's CPU time at its start (cpu0,
+        # ns; -1 otherwise): a long step then knows exactly how long it was off the CPU.
+        self.precise = False
+        self.precise_until = 0.0
+        self.cpu0 = -1
         self.active = True
         self.start = 0.0  # real.perf_counter at the start of the running step, 0.0 idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context
@@ -108,9 +117,13 @@ class LoopState:
 # -- the bookkeeping of one step (module functions: a test makes them fail on purpose) -----
 
 
+_thread_ns = real.thread_time_ns
+
+
 def _begin(st: LoopState, ctx: contextvars.Context | None) -> float:
     st.seq += 1
     st.ctx = ctx
+    st.cpu0 = _thread_ns() if st.precise else -1
     start = st.start = real.perf_counter()
     return start
 

@@ -131,6 +131,7 @@ class LoopWatch:
                 else:
                     steps.hook_uvloop(st, loop)
             self._mine[key] = st
+            discount.first_reading(st)
         except Exception as exc:
             self._failed.add(key)
             if st is not None:
@@ -174,8 +175,11 @@ class LoopWatch:
         # Preempted by other processes (CPU burners, a busy CI box), or kept off the GIL
         # by our watchdog: not the app's doing. Against the last reading taken before the
         # step started.
+        cpu_s = discount.step_cpu_s(st)
         preempted_s = discount.waited_s(
-            st, start, duration, discount.preempted_s(st, start, duration), blocked_s
+            st, start, duration,
+            discount.preempted_s(st, start, duration, whole=cpu_s is not None),
+            blocked_s, cpu_s,
         )
         if duration - gc_s - blocked_s - preempted_s <= self._threshold_s:
             if gc_s > 0 and duration - blocked_s - preempted_s > self._threshold_s:

@@ -95,7 +95,8 @@ class AsyncpgWatch:
                 hooks.safely(LIBRARY, ACQUIRE, pool, watch._failed, began, exc)
                 raise
             hooks.safely(LIBRARY, ACQUIRE, pool, watch._wait_over, began)
-            hooks.safely(LIBRARY, ACQUIRE, pool, watch._acquired, pool, began, proxy)
+            if not hooks.disabled(ACQUIRE, pool):  # half a wait's bookkeeping judges nothing
+                hooks.safely(LIBRARY, ACQUIRE, pool, watch._acquired, pool, began, proxy)
             return proxy
 
         core.patches.set(asyncpg.pool.Pool, "_acquire", _acquire, link)

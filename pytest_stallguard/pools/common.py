@@ -367,7 +367,7 @@ class WatchCore:
     owner = "pool watch"
 
     def __init__(self, guard_: guard.Guard | None = None, *, threshold_ms: float | None = None,
-                 wait_set: bool = True) -> None:
+                 wait_set: bool = False) -> None:
         self._guard = guard_
         self._threshold_ms = threshold_ms
         # Whether ``threshold_ms`` (or the guard's threshold) is the user's word on how long

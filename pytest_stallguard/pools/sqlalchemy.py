@@ -114,7 +114,8 @@ class SqlalchemyWatch:
                 raise
             began.forget()
             hooks.safely(LIBRARY, CONNECT, pool, watch._wait_over, began)
-            hooks.safely(LIBRARY, CONNECT, pool, watch._connected, pool, began, fairy)
+            if not hooks.disabled(CONNECT, pool):  # half a wait's bookkeeping judges nothing
+                hooks.safely(LIBRARY, CONNECT, pool, watch._connected, pool, began, fairy)
             return fairy
 
         core.patches.set(Pool, "connect", connect, link)

@@ -35,13 +35,16 @@ class PoolWatch(WatchCore):
     ``guard_`` defaults to :func:`guard.active` at the time of each finding. SQLAlchemy
     and asyncpg are watched from ``start()`` if the app imported them, else from the moment
     it imports them (:meth:`patching.Patches.when_imported`), until ``stop()``.
-    ``threshold_ms`` bounds waits (the guard's threshold when None); with
-    ``wait_set=False`` it was not the user's word, and plain waits for a DB or HTTP slot
-    use the built-in ``DEFAULT_SLOT_WAIT_MS`` instead.
+    ``threshold_ms`` bounds waits (the guard's threshold when None). Plain waits for a DB
+    or HTTP slot use it only when it is the user's word on them (``wait_set``; by default,
+    when ``threshold_ms`` is given), else the built-in ``DEFAULT_SLOT_WAIT_MS``, as the
+    plugin does when ``pool_wait_ms`` is not set.
     """
 
     def __init__(self, guard_: guard.Guard | None = None, *, threshold_ms: float | None = None,
-                 wait_set: bool = True) -> None:
+                 wait_set: bool | None = None) -> None:
+        if wait_set is None:
+            wait_set = threshold_ms is not None
         super().__init__(guard_, threshold_ms=threshold_ms, wait_set=wait_set)
         self._threads = ThreadWatch(self)
         self._executor = ExecutorWatch(self)
