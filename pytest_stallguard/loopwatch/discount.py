@@ -120,10 +120,11 @@ def held_s(st: LoopState, start: float, end: float) -> float:
 
 
 def open_schedstat(native_id: int) -> int:
-    """The loop thread's schedstat file, or -1. Opened by the watchdog thread, never on the
-    loop (the traps would see the open)."""
+    """The loop thread's schedstat file, or -1. ``O_NONBLOCK``: the traps leave such opens
+    alone, also on the loop thread (:func:`first_reading`)."""
     try:
-        return os.open(f"/proc/self/task/{native_id}/schedstat", os.O_RDONLY)
+        return os.open(f"/proc/self/task/{native_id}/schedstat",
+                       os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return -1
 
@@ -135,11 +136,10 @@ def first_reading(st: LoopState) -> None:
     leave such opens alone. Never raises."""
     if st.rq_fd != -2:
         return
-    try:
-        st.rq_fd = os.open(f"/proc/self/task/{st.native_id}/schedstat",
-                           os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
+    fd = open_schedstat(st.native_id)
+    if fd < 0:
         return  # the watchdog tries again (and notes nothing: schedstat is optional)
+    st.rq_fd = fd
     read_run_queue(st)
 
 
