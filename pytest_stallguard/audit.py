@@ -356,10 +356,11 @@ class Recorder:
         g = guard_mod.active()
         if g is None:
             return []
+        g.settle()  # a step held back as a possible one-off is on the timeline too
         out = []
         for at, finding in g.events[self._marks_from:self._marks_from + MAX_MARKS]:
             if at > end + 0.001:
-                break
+                continue  # (a held finding is added when settled, out of time order)
             dur = finding.duration_ms or 0.0
             # A timed call or a loop step is recorded as it ends: it began dur earlier.
             begun = at - dur / 1000.0 if finding.kind in ("loop-stall", "blocking-call") else at

@@ -68,6 +68,11 @@ _current: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
 # The same variable, for hot paths that cannot afford a function call (the traps' fast
 # path: ``current_var.get() is None`` means no request, no lifespan, no window).
 current_var = _current
+# The last request this context ran, never reset: a loop step that finished a request
+# still knows which request it was (the loop watch compares it with later steps).
+last_var: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
+    "stallguard_last_request", default=None
+)
 # Set by ``stall_guard.paused()``: measurement off in this context.
 _paused: contextvars.ContextVar[bool] = contextvars.ContextVar("stallguard_paused", default=False)
 
@@ -175,6 +180,7 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
             await anyio.lowlevel.checkpoint()
         info = RequestInfo(label_of(scope), threading.get_ident())
         token = _current.set(info)
+        last_var.set(info)
         run_enter_hooks()
         try:
             if scope.get("type") != "http":

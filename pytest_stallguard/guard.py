@@ -53,6 +53,9 @@ class Guard:
         # Every finding recorded, unfolded, with the real time it was recorded at: what a
         # burst's timeline marks (see audit.Recorder.marks). Bounded.
         self.events: list[tuple[float, Finding]] = []
+        # Findings a detector holds back until it knows whether they repeat (see hold()),
+        # by the detector's key: (real time seen, the finding, whether it counts alone).
+        self._held: dict[object, list[tuple[float, Finding, bool]]] = {}
 
     # -- arming ------------------------------------------------------------------------
     def __enter__(self) -> Guard:
@@ -95,6 +98,7 @@ class Guard:
 
     @property
     def findings(self) -> list[Finding]:
+        self.settle()
         with self._lock:
             return list(self._findings.values())
 
@@ -136,6 +140,63 @@ class Guard:
         Dropped: anything outside the test's run phase but the lifespan, and anything the
         allowlist matches.
         """
+        finding = self._finding(
+            kind, message, frame, location, request, duration_ms, call, count
+        )
+        return None if finding is None else self._add(real.perf_counter(), finding)
+
+    def hold(
+        self,
+        key: object,
+        kind: str,
+        message: str,
+        *,
+        alone: bool = True,
+        location: tuple[str | None, int | None, str | None] | None = None,
+        request: str | None = None,
+        duration_ms: float | None = None,
+        call: str | None = None,
+    ) -> bool:
+        """Keep a finding back under ``key`` until the detector settles it (it repeated)
+        or releases it (it was a one-off). Every read of :attr:`findings` settles what is
+        still held: recorded if ``alone`` (it counts without anything to compare it
+        with), dropped otherwise. Returns whether it is held (False: it is not a finding,
+        as for :meth:`record`)."""
+        finding = self._finding(kind, message, None, location, request, duration_ms, call, 1)
+        if finding is None:
+            return False
+        with self._lock:
+            self._held.setdefault(key, []).append((real.perf_counter(), finding, alone))
+        return True
+
+    def release(self, key: object) -> int:
+        """Drop the findings held under ``key``; returns how many there were."""
+        with self._lock:
+            return len(self._held.pop(key, ()))
+
+    def settle(self, key: object = None) -> None:
+        """Record the findings held under ``key`` (they repeated), or, when ``key`` is
+        None, those of every key that count alone (the others are dropped)."""
+        with self._lock:
+            if key is None:
+                held = [(at, f) for hs in self._held.values() for at, f, alone in hs if alone]
+                self._held.clear()
+            else:
+                held = [(at, f) for at, f, _ in self._held.pop(key, ())]
+        for at, finding in held:
+            self._add(at, finding)
+
+    def _finding(
+        self,
+        kind: str,
+        message: str,
+        frame: FrameType | None,
+        location: tuple[str | None, int | None, str | None] | None,
+        request: str | None,
+        duration_ms: float | None,
+        call: str | None,
+        count: int,
+    ) -> Finding | None:
         if not self.recording and request != "lifespan":
             return None
         if frame is not None and self.allowed(frame):
@@ -144,7 +205,7 @@ class Guard:
             return None
         file, line, function = location if location is not None else user_location(frame)
         fails = not (request == "lifespan" and self.lifespan != "fail")
-        finding = Finding(
+        return Finding(
             kind=kind,
             message=message,
             file=file,
@@ -156,9 +217,13 @@ class Guard:
             count=count,
             fails=fails,
         )
+
+    def _add(self, at: float, finding: Finding) -> Finding:
+        """Fold ``finding`` (seen at real time ``at``) into the findings."""
+        duration_ms, message, count = finding.duration_ms, finding.message, finding.count
         with self._lock:
             if len(self.events) < MAX_EVENTS:
-                self.events.append((real.perf_counter(), finding))
+                self.events.append((at, finding))
             old = self._findings.get(finding.key())
             if old is not None:
                 longest = max(

@@ -194,10 +194,7 @@ def run(app_dir: pytest.Pytester, test: str, *args: str
         ) -> tuple[pytest.RunResult, dict[str, dict[str, Any]]]:
     app_dir.makepyfile(test_it=test)
     out = app_dir.path / "r.json"
-    # These tests judge pools; loop stalls have their own tests. A rare false loop stall of
-    # 20-40 ms (README, Known limits) must not decide them: threshold 150 ms.
     result = app_dir.runpytest("-p", "no:asyncio", "-p", "no:randomly",
-                               "--stall-threshold-ms=150",
                                f"--stall-report-json={out}", *args)
     tests = load_json(out)["tests"]
     return result, {t["nodeid"].split("::")[1]: t for t in tests}

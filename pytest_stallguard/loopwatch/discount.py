@@ -167,6 +167,24 @@ def cpu_ns(fd: int) -> int:
         return -1
 
 
+# Cold memory. On a virtual machine, memory the process has not touched for a while can
+# be many times slower to touch again (measured on this project's 2-core VM: after the
+# loop idled 1 s, finishing a timed-out request took 15-30 ms of CPU in one step, the
+# same step of the next requests 0.1-0.7 ms; the guest sees no page fault). A long step
+# that starts within COLD_WINDOW_S after the loop was seen idle for COLD_IDLE_S is held
+# back until a later step of the same request and code shows whether it repeats; with
+# nothing to compare it with, COLD_ALLOWANCE_S of it is not counted (the costliest cold
+# steps measured there: 30 ms; touching 64 MB after 1 s idle: 63 ms against 4.5 ms).
+COLD_IDLE_S = 0.25
+COLD_WINDOW_S = 0.1
+COLD_ALLOWANCE_S = 0.04
+
+
+def cold(st: LoopState, start: float, interval: float) -> bool:
+    """Whether the step that started at ``start`` ran right after a long idle."""
+    return 0.0 <= start - st.idle_seen <= COLD_WINDOW_S + interval
+
+
 # Run-queue wait between two readings that turns on the steps' CPU readings, and for how
 # long they stay on after the last such reading.
 PRECISE_AFTER_NS = 1_000_000

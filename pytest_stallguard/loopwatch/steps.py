@@ -55,11 +55,14 @@ class LoopState:
         "ctx",
         "end",
         "held",
+        "idle_from",
+        "idle_seen",
         "kind",
         "lock",
         "loop",
         "native_id",
         "patches",
+        "pending",
         "precise",
         "precise_until",
         "rq_fd",
@@ -96,6 +99,14 @@ class LoopState:
         self.precise = False
         self.precise_until = 0.0
         self.cpu0 = -1
+        # The last time the watchdog saw the loop idle for long (real.perf_counter): the
+        # steps right after it run on cold memory (see watch.LoopWatch._judge).
+        self.idle_seen = 0.0
+        # the end of the last step before that idle (before the first step: the attach)
+        self.idle_from = real.perf_counter()
+        # Long steps held back as possible one-offs: (request label, where the step left
+        # its task) -> the guard holding the finding; each later step is compared with it.
+        self.pending: dict[object, Any] = {}
         self.active = True
         self.start = 0.0  # real.perf_counter at the start of the running step, 0.0 idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context
@@ -142,6 +153,8 @@ def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: An
     st.start = 0.0
     if step_observer is not None:
         step_observer(start, end, ctx, owner)
+    if st.pending:
+        st.watch._repeat(st, start, end, ctx, owner)
     if st.active and end - start > st.watch._threshold_s:
         st.watch._judge(st, start, end, ctx, owner)
 

@@ -67,6 +67,9 @@ class LoopWatch:
         self.gc_pauses = 0  # steps over the threshold only because of garbage collection
         self.gc_pause_max_ms = 0.0
         self.preempted = 0  # steps over the threshold only because the OS preempted the loop
+        # long steps right after an idle that a later step of the same request and code
+        # ran short: one-offs (cold memory, a first call), not reported
+        self.one_offs = 0
         self.turn_since = 0.0  # the watchdog's turn with the GIL that is not logged yet
         self.stalls = 0  # loop-stall findings recorded (before folding)
         self._mine: dict[Any, LoopState] = {}  # loop or trio runner -> state
@@ -174,7 +177,8 @@ class LoopWatch:
             discount.preempted_s(st, start, duration, whole=cpu_s is not None),
             blocked_s, cpu_s,
         )
-        if duration - gc_s - blocked_s - preempted_s <= self._threshold_s:
+        judged = duration - gc_s - blocked_s - preempted_s
+        if judged <= self._threshold_s:
             if gc_s > 0 and duration - blocked_s - preempted_s > self._threshold_s:
                 self.gc_pauses += 1
                 self.gc_pause_max_ms = max(self.gc_pause_max_ms, gc_s * 1000.0)
@@ -232,15 +236,64 @@ class LoopWatch:
             f"The event loop was blocked for {duration * 1000.0:.1f} ms during "
             f"{request}{where}{note} ({ADVICE}). See {DOCS}loop-stall"
         )
+        finding: dict[str, Any] = {
+            "location": (file, line, function),
+            "request": request,
+            "duration_ms": duration * 1000.0,
+            "call": "step",
+        }
+        key = _step_key(ctx, owner) if discount.cold(st, start, self.interval_s) else None
+        if key is not None and (key in st.pending or len(st.pending) < MAX_PENDING):
+            # Right after a long idle: possibly cold memory, not the app's doing. Held
+            # until a later step of the same request and code runs (see _repeat).
+            # With nothing to compare it with, it counts only past what cold memory costs.
+            alone = judged - discount.COLD_ALLOWANCE_S > self._threshold_s
+            if g.hold(key, "loop-stall", message, alone=alone, **finding):
+                self.stalls += 1
+                st.pending[key] = g
+            return
         self.stalls += 1
-        g.record(
-            "loop-stall",
-            message,
-            location=(file, line, function),
-            request=request,
-            duration_ms=duration * 1000.0,
-            call="step",
-        )
+        g.record("loop-stall", message, **finding)
+
+    def _repeat(
+        self,
+        st: LoopState,
+        start: float,
+        end: float,
+        ctx: contextvars.Context | None,
+        owner: Any,
+    ) -> None:
+        """A step ended while long steps are held: the same request and code again?
+        Ran short: the held ones were one-offs, dropped. Ran long, and not right after an
+        idle itself: they repeat, recorded. Ran long right after an idle: no evidence
+        either way (it is held beside them)."""
+        key = _step_key(ctx, owner)
+        g = st.pending.get(key) if key is not None else None
+        if g is None:
+            armed = guard.active()
+            for k in [k for k, held in st.pending.items() if held is not armed]:
+                del st.pending[k]  # its test is over: its guard settles it
+            return
+        if end - start - self._gc.seconds(start, end) <= self._threshold_s:
+            del st.pending[key]
+            dropped = g.release(key)
+            self.stalls -= dropped
+            self.one_offs += dropped
+        elif not discount.cold(st, start, self.interval_s):
+            del st.pending[key]
+            g.settle(key)
+
+
+MAX_PENDING = 8  # long steps held back per loop at once; more are recorded at once
+
+
+def _step_key(ctx: contextvars.Context | None, owner: Any) -> object:
+    """(the request the step's context last ran, where the step left its task), or None
+    when the context never ran a request."""
+    info = ctx.get(context.last_var) if ctx is not None else None
+    if info is None:
+        return None
+    return info.label, watchdog.resume_point(owner)
 
 
 def _is_closed(loop: Any) -> bool:

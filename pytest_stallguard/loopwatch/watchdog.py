@@ -214,6 +214,8 @@ class Watchdog:
                 if st.active and (late or now - start > sample_after):
                     sample(st, start, st.seq)
                     sampled.add(id(st))
+            elif now - st.end > discount.COLD_IDLE_S:
+                st.idle_from, st.idle_seen = st.end or st.idle_from, now
             idle_since = max(idle_since, st.end)
         return idle_since
 
@@ -369,6 +371,27 @@ def suspended(owner: Any) -> tuple[Location | None, bool]:
     # Not suspended inside a request call (or the chain could not be followed to it): any
     # user frame seen is the caller's (the test's), never the request's.
     return None, False
+
+
+def resume_point(owner: Any) -> object:
+    """Where a step left its task: "done", or the innermost suspended frame's (code,
+    line); for a plain callback, the function it ran. Two steps with the same request
+    label and resume point ran the same code."""
+    if isinstance(owner, asyncio.Handle):
+        owner = owner._callback  # type: ignore[attr-defined]
+    task = getattr(owner, "__self__", owner)
+    if isinstance(task, asyncio.Task):
+        if task.done():
+            return "done"
+        coro = task.get_coro()
+    elif hasattr(task, "coro"):  # trio.lowlevel.Task
+        coro = task.coro
+    else:
+        return getattr(owner, "__func__", owner)
+    frames = _coro_frames(coro)
+    if not frames:
+        return "done"
+    return frames[-1].f_code, frames[-1].f_lineno
 
 
 def _has_user_frame(frame: FrameType | None) -> bool:
