@@ -37,6 +37,17 @@ def create_app():
             spin()
         return {"ok": True}
 
+    @app.get("/with-a-helper")
+    async def with_a_helper():
+        await anyio.sleep(IDLE_S)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(helper)  # runs, short, after the spin: no twin of this step
+            spin()
+        return {"ok": True}
+
+    async def helper():
+        pass
+
     @app.get("/every-time")
     async def every_time():
         await anyio.sleep(IDLE_S)
@@ -80,13 +91,16 @@ def test_one_off_after_idle_is_dropped_repeats_and_lone_steps_are_not(
             r = await stall_client.burst("GET", "/every-time", n=10)
             assert r.statuses[200] == 10
 
+        async def test_helper(stall_client):
+            assert (await stall_client.get("/with-a-helper")).status_code == 200
+
         async def test_lone(stall_client):
             # one request: nothing to compare the step with, so it counts
             assert (await stall_client.get("/first-only")).status_code == 200
         """
     )
     result = pytester.runpytest("-p", "no:asyncio", "--stall-report-json=r.json")
-    result.assert_outcomes(passed=3, failed=6)
+    result.assert_outcomes(passed=3, failed=9)
     tests = {t["nodeid"].split("::")[1]: t for t in load_json(pytester.path / "r.json")["tests"]}
     spin = [("loop-stall", line_of("SPIN-LINE"))]
     for backend in ("asyncio", "uvloop", "trio"):
@@ -95,8 +109,9 @@ def test_one_off_after_idle_is_dropped_repeats_and_lone_steps_are_not(
         assert [(f["kind"], f["line"]) for f in repeated] == spin, backend
         # the held one is recorded when the next step repeats it
         assert repeated[0]["count"] == 10, backend
-        lone = tests[f"test_lone[{backend}]"]["findings"]
-        assert [(f["kind"], f["line"]) for f in lone] == spin, backend
+        for lone in ("test_lone", "test_helper"):
+            found = tests[f"{lone}[{backend}]"]["findings"]
+            assert [(f["kind"], f["line"]) for f in found] == spin, (lone, backend)
 
 
 def test_the_guard_settles_held_findings_at_its_next_read_unless_released() -> None:

@@ -55,7 +55,6 @@ class LoopState:
         "ctx",
         "end",
         "held",
-        "idle_from",
         "idle_seen",
         "kind",
         "lock",
@@ -102,8 +101,6 @@ class LoopState:
         # The last time the watchdog saw the loop idle for long (real.perf_counter): the
         # steps right after it run on cold memory (see watch.LoopWatch._judge).
         self.idle_seen = 0.0
-        # the end of the last step before that idle (before the first step: the attach)
-        self.idle_from = real.perf_counter()
         # Long steps held back as possible one-offs: (request label, where the step left
         # its task) -> the guard holding the finding; each later step is compared with it.
         self.pending: dict[object, Any] = {}

@@ -214,8 +214,9 @@ class Watchdog:
                 if st.active and (late or now - start > sample_after):
                     sample(st, start, st.seq)
                     sampled.add(id(st))
-            elif now - st.end > discount.COLD_IDLE_S:
-                st.idle_from, st.idle_seen = st.end or st.idle_from, now
+            elif st.end and now - st.end > discount.COLD_IDLE_S:
+                # (a loop that never ran a step is not idle: a TestClient's new loop)
+                st.idle_seen = now
             idle_since = max(idle_since, st.end)
         return idle_since
 
@@ -374,24 +375,25 @@ def suspended(owner: Any) -> tuple[Location | None, bool]:
 
 
 def resume_point(owner: Any) -> object:
-    """Where a step left its task: "done", or the innermost suspended frame's (code,
-    line); for a plain callback, the function it ran. Two steps with the same request
-    label and resume point ran the same code."""
+    """Where a step left its task: its suspended frames' (code, line), or the task's
+    name and "done" (anyio names a task after the function it runs); for a plain
+    callback, the code it ran. Two steps with the same request label and resume point
+    ran the same code."""
     if isinstance(owner, asyncio.Handle):
         owner = owner._callback  # type: ignore[attr-defined]
     task = getattr(owner, "__self__", owner)
     if isinstance(task, asyncio.Task):
-        if task.done():
-            return "done"
-        coro = task.get_coro()
+        coro, name = task.get_coro(), task.get_name()
     elif hasattr(task, "coro"):  # trio.lowlevel.Task
-        coro = task.coro
+        coro, name = task.coro, str(getattr(task, "name", ""))
     else:
-        return getattr(owner, "__func__", owner)
+        function = getattr(owner, "__func__", owner)
+        return getattr(function, "__code__", function)
     frames = _coro_frames(coro)
     if not frames:
-        return "done"
-    return frames[-1].f_code, frames[-1].f_lineno
+        return name, "done"
+    # the whole chain: trio suspends every task in the same trap frame
+    return tuple((frame.f_code, frame.f_lineno) for frame in frames)
 
 
 def _has_user_frame(frame: FrameType | None) -> bool:
