@@ -102,8 +102,9 @@ class LoopState:
         # steps right after it run on cold memory (see watch.LoopWatch._judge).
         self.idle_seen = 0.0
         # Long steps held back as possible one-offs: (request label, where the step left
-        # its task) -> the guard holding the finding; each later step is compared with it.
-        self.pending: dict[object, Any] = {}
+        # its task) -> (the guard holding the finding, the step's end); each later step
+        # is compared with them.
+        self.pending: dict[object, tuple[Any, float]] = {}
         self.active = True
         self.start = 0.0  # real.perf_counter at the start of the running step, 0.0 idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context

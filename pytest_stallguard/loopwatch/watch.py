@@ -250,7 +250,7 @@ class LoopWatch:
             alone = judged - discount.COLD_ALLOWANCE_S > self._threshold_s
             if g.hold(key, "loop-stall", message, alone=alone, **finding):
                 self.stalls += 1
-                st.pending[key] = g
+                st.pending[key] = (g, end)
             return
         self.stalls += 1
         g.record("loop-stall", message, **finding)
@@ -268,12 +268,16 @@ class LoopWatch:
         idle itself: they repeat, recorded. Ran long right after an idle: no evidence
         either way (it is held beside them)."""
         key = _step_key(ctx, owner)
-        g = st.pending.get(key) if key is not None else None
-        if g is None:
+        held = st.pending.get(key) if key is not None else None
+        if held is None:
+            # No longer compared (the guard settles them at its next read): those of a
+            # test that is over, and those no twin followed within PENDING_FOR_S.
             armed = guard.active()
-            for k in [k for k, held in st.pending.items() if held is not armed]:
-                del st.pending[k]  # its test is over: its guard settles it
+            for k in [k for k, (g, t) in st.pending.items()
+                      if g is not armed or end - t > PENDING_FOR_S]:
+                del st.pending[k]
             return
+        g = held[0]
         if end - start - self._gc.seconds(start, end) <= self._threshold_s:
             del st.pending[key]
             dropped = g.release(key)
@@ -285,6 +289,9 @@ class LoopWatch:
 
 
 MAX_PENDING = 8  # long steps held back per loop at once; more are recorded at once
+# A held step's twin comes right after it (the requests that waited with it); while any
+# step is held, every step is compared, so not for longer than this.
+PENDING_FOR_S = 2.0
 
 
 def _step_key(ctx: contextvars.Context | None, owner: Any) -> object:
