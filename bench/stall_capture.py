@@ -122,7 +122,7 @@ def loopwatch_of(run: GuardRun) -> Any:
 def counters(watch: Any) -> str:
     return (
         f"gc_pauses={watch.gc_pauses} (max {watch.gc_pause_max_ms:.1f} ms) "
-        f"preempted={watch.preempted} stalls={watch.stalls}"
+        f"preempted={watch.preempted} one_offs={watch.one_offs} stalls={watch.stalls}"
     )
 
 
