@@ -145,6 +145,11 @@ def _log_turn(watch: LoopWatch, states: list[LoopState], start: float, end: floa
     watch.turn_since = 0.0
 
 
+def _running(watch: LoopWatch) -> bool:
+    """Whether a loop of ``watch`` is running a step now."""
+    return any(st.start for st in list(watch._mine.values()))
+
+
 class Watchdog:
     """The sampling thread of one :class:`~.watch.LoopWatch`."""
 
@@ -204,18 +209,17 @@ class Watchdog:
             # may wait; that wait is not the sleep's lateness. Not while a loop runs a step
             # (as for the loop's own readings): the step could run to its end unsampled.
             # The last reading is kept instead; being older, it can only count more of the
-            # lateness as waiting for a CPU, never less.
-            if self._rq_fd != -1 and not any(st.start for st in list(watch._mine.values())):
+            # lateness as waiting for a CPU, never less. A step can start while the GIL is
+            # released (the first request right after attach): each release is followed at
+            # once by the sample it may need, before anything else can release the GIL.
+            if self._rq_fd == -2 and not _running(watch):
                 released = real.perf_counter()
-                if self._rq_fd == -2:
-                    self._rq_fd = discount.open_schedstat(threading.get_native_id())
-                if self._rq_fd >= 0:
-                    rq0 = discount.run_queue_ns(self._rq_fd)  # releases the GIL
-                back = real.perf_counter()
-                if back - released > sample_after:
-                    # Got the GIL back late: a step (a C call holding the GIL) may be
-                    # about to end: sample it now, as on a late wake.
-                    self._sample_due(list(watch._mine.values()), back, True, set())
+                self._rq_fd = discount.open_schedstat(threading.get_native_id())
+                self._sample_if_late(released)
+            if self._rq_fd >= 0 and not _running(watch):
+                released = real.perf_counter()
+                rq0 = discount.run_queue_ns(self._rq_fd)  # releases the GIL
+                self._sample_if_late(released)
             looked = watch.turn_since = real.perf_counter()
             before = self.look()  # the baseline of the window this sleep opens
             asked = real.perf_counter()
@@ -256,6 +260,14 @@ class Watchdog:
                 self._sample_due(states, back, back - released > sample_after, sampled)
                 released = real.perf_counter()
                 _log_turn(watch, states, back, released)
+
+    def _sample_if_late(self, released: float) -> None:
+        """Right after taking back the GIL released at ``released``: when it came back late,
+        a step (a C call holding the GIL) started meanwhile and may be about to end:
+        sample it now, as on a late wake."""
+        back = real.perf_counter()
+        if back - released > self.watch._sample_after_s:
+            self._sample_due(list(self.watch._mine.values()), back, True, set())
 
     def _sample_due(
         self,
