@@ -233,9 +233,10 @@ async def test_c_call_that_starts_while_the_watchdog_reads_proc(
     anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The watchdog's reads of /proc release the GIL; a step can start meanwhile and hold
-    the GIL in a C call until it ends. When the GIL comes back late the watchdog samples at
-    once, and does not release it again while the step runs (it used to read its own
-    /proc file right after opening it, and the loop thread finished the request first)."""
+    the GIL in a C call until it ends. When the GIL comes back late the watchdog samples,
+    and does not release it again while the step runs: the request's stall is reported (it
+    used to read its own /proc file right after opening it, and the loop thread finished
+    the request, run inline in the test's task, unsampled: no finding at all)."""
     app = make_app()
     rows = [{"id": i, "name": f"row {i}", "tags": ["a", "b"]} for i in range(2_000)]
     rows = rows * _copies_for(STALL_MS, rows)  # one C call of STALL_MS
@@ -244,7 +245,7 @@ async def test_c_call_that_starts_while_the_watchdog_reads_proc(
     @app.get("/cjson-started")
     async def cjson_started() -> dict[str, Any]:
         started.append((threading.get_ident(), time.thread_time()))
-        return {"size": len(json.dumps(rows))}  # at: cjson-started
+        return {"size": len(json.dumps(rows))}
 
     watches: list[LoopWatch] = []
     opened = discount.open_schedstat
@@ -290,9 +291,11 @@ async def test_c_call_that_starts_while_the_watchdog_reads_proc(
         await anyio.sleep(0)
     found = stalls(guard.findings)
     assert started and watches == [watch]
-    assert [(f.file, f.line, f.function, f.request, f.count) for f in found] == [
-        (THIS_FILE, line_of("cjson-started"), "cjson_started", "GET /cjson-started", 1)
-    ], [f.message for f in found]
+    # Which line it names depends on when the watchdog got the GIL back (on a loaded
+    # machine it can be the response's serialisation); that it is found does not.
+    assert [(f.request, f.count) for f in found] == [("GET /cjson-started", 1)], [
+        f.message for f in found
+    ]
 
 
 @pytest.mark.anyio
