@@ -22,6 +22,12 @@ def _library_dirs() -> tuple[str, ...]:
 
 
 _LIBRARY_DIRS = _library_dirs()
+# stdlib and site-packages directories: a library file is named relative to them
+_LIBRARY_BASES = tuple(
+    os.path.abspath(base) + os.sep
+    for base in {sysconfig.get_paths().get(k) for k in ("purelib", "platlib", "stdlib")}
+    if base
+)
 _root = os.getcwd()
 _cache: dict[str, bool] = {}
 # Installed packages that are the app under test (a server run from its wheel): their
@@ -108,6 +114,29 @@ def add_app(app: object) -> None:
                 sub = getattr(route, "app", None)
                 if sub is not None and sub is not target:
                     stack.append(sub)
+
+
+def is_plugin_file(filename: str) -> bool:
+    return os.path.abspath(filename).startswith(_PLUGIN_DIR)
+
+
+def library_path(filename: str) -> str:
+    """A library file as its import path names it (``json/encoder.py``,
+    ``starlette/routing.py``): relative to the stdlib or site-packages directory it is in;
+    else as :func:`relative` names it."""
+    path = os.path.abspath(filename)
+    if is_user_file(filename):
+        return relative(filename)
+    best = ""
+    for base in _LIBRARY_BASES:
+        if path.startswith(base) and len(base) > len(best):
+            best = base
+    if not best:
+        marker = os.sep + "site-packages" + os.sep
+        if marker in path:
+            return path.split(marker, 1)[1].replace(os.sep, "/")
+        return relative(filename)
+    return os.path.relpath(path, best).replace(os.sep, "/")
 
 
 def relative(filename: str) -> str:

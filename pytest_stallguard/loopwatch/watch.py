@@ -12,8 +12,12 @@ trapped calls). A long step is judged at its end, on the loop thread:
   the request's part of the step longer than the threshold;
 * one that was not sampled (a C call holding the GIL to the end of the step) is
   attributed by its context at the end of the step, located where its task is suspended
-  after it if that is inside the request (said so in the message); a frame outside the
-  request is never named.
+  after it if that is inside the request (said so in the message), else, for a plain
+  callback (not a task), at the callback's own definition; a frame outside the request is
+  never named.
+* a sampled step with no frame of the project's code on its stack (a stdlib or library
+  function run as a loop callback, an app installed as a package not known as such) is
+  located at the innermost sampled frame outside the plugin, named as library code.
 
 Steps are timed from the first step that starts after :meth:`LoopWatch.attach`: the step
 that calls ``attach()`` is already running and is not timed.
@@ -26,10 +30,11 @@ import asyncio.events
 import contextvars
 import sys
 import weakref
+from collections import deque
 from typing import Any
 
 from .. import context, guard, patching
-from ..location import Location
+from ..location import Location, user_location
 from ..model import DOCS
 from . import discount, steps, watchdog
 from .steps import LoopState
@@ -77,6 +82,8 @@ class LoopWatch:
         self._patches = patching.Patches(steps.OWNER)  # the GC log's gc.callbacks entry
         self._gc = discount.GcLog()
         self._watchdog = watchdog.Watchdog(self)
+        # The watchdog's recent looks at the threads (CPU time, frame), for the GIL evidence
+        self._looks: deque[watchdog.Look] = deque(maxlen=16)
 
     @property
     def _thread(self) -> Any:
@@ -192,6 +199,11 @@ class LoopWatch:
         g = guard.active() or (samples.guard if samples is not None else None)
         if g is None:
             return
+        # Part of the step the loop thread neither ran nor waited for a CPU: with evidence
+        # that other threads held the GIL meanwhile (watchdog.holder), it waited for them.
+        gil_s = self._gil_in_step(st, start, duration, blocked_s + preempted_s, g)
+        if gil_s and duration - gil_s - gc_s - blocked_s - preempted_s <= self._threshold_s:
+            return  # the step's own work was short: the GIL finding says it all
         loc: Location | None = None
         request: str | None = None
         note = ""
@@ -207,7 +219,11 @@ class LoopWatch:
             loc, request = samples.inside, samples.request
             if loc is None:
                 loc, _ = watchdog.suspended(owner)
-            if loc is None:
+            if loc is None and samples.library is not None:
+                loc = samples.library
+                note = " (library code: no line of the project's code was on the stack when "
+                note += "it was sampled; this is the innermost frame sampled)"
+            elif loc is None:
                 note = " (no line of the project's code was on the stack when it was sampled)"
         elif samples is not None:
             return  # sampled, never running for a request: the test's own code, paused...
@@ -222,8 +238,13 @@ class LoopWatch:
                 note = " (where the request was suspended after the step: the stack could "
                 note += "not be sampled while it ran)"
             else:
-                note = " (the location could not be sampled: a C call held the GIL to the "
-                note += "end of the step)"
+                loc = watchdog.callback_location(owner)
+                if loc is not None:
+                    note = " (the callback the loop ran: the stack could not be sampled, a C "
+                    note += "call held the GIL to the end of the step)"
+                else:
+                    note = " (the location could not be sampled: a C call held the GIL to "
+                    note += "the end of the step)"
             request = info.request
         if request is None:
             return
@@ -286,6 +307,52 @@ class LoopWatch:
         elif not discount.cold(st, start, self.interval_s):
             del st.pending[key]
             g.settle(key)
+
+    def _gil_in_step(
+        self, st: LoopState, start: float, duration: float, discounted: float, g: guard.Guard
+    ) -> float:
+        """Loop thread, at the end of a long step: how long the step waited for the GIL
+        held by another thread, recorded as a ``call="gil"`` loop stall naming it; 0.0
+        without evidence (:func:`watchdog.holder`)."""
+        if not self.gil:
+            return 0.0
+        before = None
+        for look in reversed(list(self._looks)):
+            if look.t <= start:
+                before = look
+                break
+        if before is None or st.thread not in before.threads:
+            return 0.0
+        # The loop thread's CPU since the look (taken before the step: it may count some
+        # CPU from before the step, never less than the step's own)
+        ran = (watchdog.own_cpu_ns() - before.threads[st.thread][0]) / 1e9
+        waited = duration - ran - discounted
+        if waited <= self._threshold_s:
+            return 0.0
+        frames = sys._current_frames()
+        try:
+            after = watchdog.take_look(frames, {}, -1)
+            skip = {s.thread for s in list(self._mine.values())}
+            dog = self._watchdog.thread
+            if dog is not None and dog.ident is not None:
+                skip.add(dog.ident)
+            found = watchdog.holder(before, after, skip, waited)
+            if found is None:
+                return 0.0
+            ident, evidence = found
+            frame = frames.get(ident)
+            if not watchdog.has_user_frame(frame):
+                return 0.0
+            location = user_location(frame)
+        finally:
+            del frames
+        why = (
+            f"a step of {duration * 1000.0:.1f} ms, in which the loop thread ran "
+            f"{ran * 1000.0:.1f} ms at most, waited {discounted * 1000.0:.1f} ms for a CPU "
+            f"or in trapped calls, and {waited * 1000.0:.1f} ms for the GIL; {evidence}"
+        )
+        watchdog.record_gil(self, g, waited, location, why, None)
+        return waited
 
 
 MAX_PENDING = 8  # long steps held back per loop at once; more are recorded at once

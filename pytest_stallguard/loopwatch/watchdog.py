@@ -13,16 +13,30 @@ Why sample the Context: a whole in-process request can run in ONE step that star
 ends in the test's code (httpx's ASGITransport calls the app inside the test's task), so
 the context at the end of the step does not know the request.
 
-GIL starvation ("CPU work moved to a thread"): when neither the loop nor the watchdog ran
-for more than twice the threshold (pure Python in a thread gives the GIL up every 5 ms; a
-long C call holding it does not) and the process burned CPU the whole time (so it was not
-descheduled by other processes), the other threads' stacks are sampled; a thread running
-user code is recorded as a loop-stall with ``call="gil"``.
+GIL starvation ("CPU work moved to a thread"): ``call="gil"`` only with evidence that a
+thread held the GIL. At every wake the watchdog takes a :class:`Look` at the other threads
+(CPU time from their per-thread clocks, where their innermost frame is; nothing that releases
+the GIL). Over a window in which the loop waited for the GIL (the idle loop and the watchdog
+both starved past twice the threshold, less the watchdog's own run-queue wait; or a long step
+in which the loop thread neither ran nor waited for a CPU, judged by :mod:`.watch`),
+:func:`holder` names the thread that held it: threads whose frame moved on ran bytecode,
+which needs the GIL, one at a time, with no thread inside a C call running beside them; or
+the only thread that ran, inside one call, nearly all the wait (a C call that keeps the
+GIL). A thread idle in a blocking wait when the window opens (a worker in ``queue.get()``)
+is judged by what it was doing at its end: its CPU was spent after the wait. Threads doing C
+work that releases the GIL (argon2, bcrypt, hashlib, zlib) stay inside their call and run
+side by side, are caught in the Python code of a function that makes such a call, or get
+too small a share of a loaded CPU: no evidence, no finding. The message gives the evidence.
+Without per-thread clocks or ``/proc`` schedstat (not Linux) there is no evidence and no
+``gil`` finding.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dis
+import os
 import sys
 import threading
 import time
@@ -31,7 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import context, guard, patching
 from ..clock import real
-from ..location import Location, is_user_file, relative, user_location
+from ..location import (
+    Location,
+    is_plugin_file,
+    is_user_file,
+    library_path,
+    relative,
+    user_location,
+)
 from ..model import DOCS
 from . import discount, steps
 
@@ -49,15 +70,18 @@ _ATTRIBUTED_NAME = "stallguard_attributed"
 
 
 class _Cpu:
-    """CPU time, captured at import (kept off module attributes, like clock.real)."""
+    """CPU-time clocks, captured at import (kept off module attributes, like clock.real)."""
 
-    __slots__ = ("process_time",)
+    __slots__ = ("clock_gettime_ns", "thread_time_ns")
 
     def __init__(self) -> None:
-        self.process_time = time.process_time
+        self.clock_gettime_ns = time.clock_gettime_ns
+        self.thread_time_ns = time.thread_time_ns
 
 
 _cpu = _Cpu()
+# Per-thread CPU clocks of other threads, read without releasing the GIL (Linux).
+_HAS_THREAD_CLOCKS = sys.platform.startswith("linux") and hasattr(time, "clock_gettime_ns")
 
 
 class Samples:
@@ -68,6 +92,8 @@ class Samples:
         "guard",
         "inside",
         "inside_n",
+        "library",
+        "library_depth",
         "outside_after",
         "outside_before",
         "outside_n",
@@ -76,6 +102,11 @@ class Samples:
 
     def __init__(self) -> None:
         self.inside: Location | None = None  # deepest user frame inside a request (latest)
+        # no user frame on the stack: the innermost sampled frame outside the plugin
+        self.library: Location | None = None
+        # its depth from the step's boundary: the deepest is kept (a sample taken as the
+        # step ends sees only the loop's frame that ran the callback)
+        self.library_depth = -1
         self.depth = -1
         # the request when the deepest location was seen (else the latest seen): the
         # response may be sent (label "background") before the step ends
@@ -114,6 +145,11 @@ def _log_turn(watch: LoopWatch, states: list[LoopState], start: float, end: floa
     watch.turn_since = 0.0
 
 
+def _running(watch: LoopWatch) -> bool:
+    """Whether a loop of ``watch`` is running a step now."""
+    return any(st.start for st in list(watch._mine.values()))
+
+
 class Watchdog:
     """The sampling thread of one :class:`~.watch.LoopWatch`."""
 
@@ -121,6 +157,8 @@ class Watchdog:
         self.watch = watch
         self.thread: threading.Thread | None = None
         self._stopping = False
+        self._rq_fd = -1  # the watchdog thread's own schedstat (watchdog thread only)
+        self._clocks: dict[int, int] = {}  # thread ident -> its CPU clock (watchdog only)
 
     def start(self) -> None:
         if self.thread is not None:
@@ -151,11 +189,41 @@ class Watchdog:
             )
 
     def _watch(self, interval: float) -> None:
+        # Our own run-queue wait (waiting for a CPU), to tell it from waiting for the GIL.
+        # -2: to open (in the loop, when no step runs: opening releases the GIL)
+        self._rq_fd = -2 if self.watch.gil else -1
+        try:
+            self._watch_loop(interval)
+        finally:
+            fd, self._rq_fd = self._rq_fd, -1
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _watch_loop(self, interval: float) -> None:
         watch = self.watch
         sample_after = watch._sample_after_s
+        rq0 = -1  # our run-queue wait (ns) before the sleep, -1 unknown
         while not self._stopping:
+            # Before taking the time: reading /proc releases the GIL, and taking it back
+            # may wait; that wait is not the sleep's lateness. Not while a loop runs a step
+            # (as for the loop's own readings): the step could run to its end unsampled.
+            # The last reading is kept instead; being older, it can only count more of the
+            # lateness as waiting for a CPU, never less. A step can start while the GIL is
+            # released (the first request right after attach): each release is followed at
+            # once by the sample it may need, before anything else can release the GIL.
+            if self._rq_fd == -2 and not _running(watch):
+                released = real.perf_counter()
+                self._rq_fd = discount.open_schedstat(threading.get_native_id())
+                self._sample_if_late(released)
+            if self._rq_fd >= 0 and not _running(watch):
+                released = real.perf_counter()
+                rq0 = discount.run_queue_ns(self._rq_fd)  # releases the GIL
+                self._sample_if_late(released)
+            looked = watch.turn_since = real.perf_counter()
+            before = self.look()  # the baseline of the window this sleep opens
             asked = real.perf_counter()
-            cpu0 = _cpu.process_time()
+            _log_turn(watch, list(watch._mine.values()), looked, asked)
             real.sleep(interval)
             now = watch.turn_since = real.perf_counter()
             states = list(watch._mine.values())
@@ -167,14 +235,11 @@ class Watchdog:
             late = now - asked - interval > sample_after
             idle_since = self._sample_due(states, now, late, sampled, asked + interval)
             starved = now - idle_since
-            if watch.gil and states and starved > 2 * watch._threshold_s:
-                # Neither the loop nor this thread ran for that long, and the process
-                # burned CPU the whole time (so it was not descheduled by other processes):
-                # another thread held the GIL. Checked before reading /proc too: the thread
-                # that held the GIL would run on meanwhile.
-                cpu = _cpu.process_time() - cpu0
-                if cpu >= 0.8 * (now - asked):
-                    self._gil_check(starved)
+            if before is not None and states and starved > 2 * watch._threshold_s:
+                # Neither the loop nor this thread ran for that long: maybe another thread
+                # held the GIL. Checked before reading /proc too: the thread that held the
+                # GIL would run on meanwhile.
+                self._gil_check(starved, now - asked - interval, rq0, before)
             released = real.perf_counter()
             _log_turn(watch, states, now, released)
             for st in states:
@@ -195,6 +260,14 @@ class Watchdog:
                 self._sample_due(states, back, back - released > sample_after, sampled)
                 released = real.perf_counter()
                 _log_turn(watch, states, back, released)
+
+    def _sample_if_late(self, released: float) -> None:
+        """Right after taking back the GIL released at ``released``: when it came back late,
+        a step (a C call holding the GIL) started meanwhile and may be about to end:
+        sample it now, as on a late wake."""
+        back = real.perf_counter()
+        if back - released > self.watch._sample_after_s:
+            self._sample_due(list(self.watch._mine.values()), back, True, set())
 
     def _sample_due(
         self,
@@ -220,36 +293,345 @@ class Watchdog:
             idle_since = max(idle_since, st.end)
         return idle_since
 
-    def _gil_check(self, starved: float) -> None:
-        """Nothing ran on the loop for ``starved`` seconds while the process burned CPU:
-        name the thread that held the GIL if it is running user code."""
-        me = threading.get_ident()
-        loops = {st.thread for st in list(self.watch._mine.values())}
+    def look(self) -> Look | None:
+        """Watchdog, at every wake: note each thread's CPU time and where its Python
+        frame is (:class:`Look`), the baseline for judging the next window (kept in the
+        watch's short history for the loop thread's own judgement of a long step). Nothing
+        here releases the GIL. None when only the loops and the watchdog run."""
+        watch = self.watch
+        if not watch.gil or not _HAS_THREAD_CLOCKS:
+            return None
+        frames = sys._current_frames()
+        try:
+            if len(frames) <= 1 + len(watch._mine):
+                return None  # only the loops and us: nobody else could hold the GIL
+            look = take_look(frames, self._clocks, threading.get_ident())
+        finally:
+            del frames
+        watch._looks.append(look)
+        return look
+
+    def _gil_check(self, starved: float, late: float, rq0: int, before: Look | None) -> None:
+        """Nothing ran on the loop for ``starved`` seconds and the watchdog woke ``late``
+        seconds late: name the thread that held the GIL, if the evidence shows one
+        (:func:`holder`; ``rq0``: our run-queue wait before the sleep, ns, -1 unknown;
+        ``before``: the look taken before the sleep)."""
         g = guard.active()
-        if g is None:
+        if g is None or before is None:
             return
-        for ident, frame in sys._current_frames().items():
-            if ident == me or ident in loops:
-                continue
-            loc = user_location(frame)
-            if loc[0] is None or not _has_user_frame(frame):
-                continue
-            file, line, function = loc
-            message = (
-                f"A worker thread held the GIL for {starved * 1000.0:.1f} ms at {file}:{line} "
-                f"({function}): the event loop could not run meanwhile ({GIL_ADVICE}). "
-                f"See {DOCS}loop-stall"
-            )
-            self.watch.stalls += 1
-            g.record(
-                "loop-stall",
-                message,
-                location=loc,
-                request=None,
-                duration_ms=starved * 1000.0,
-                call="gil",
-            )
-            return
+        me = threading.get_ident()
+        skip = {me} | {st.thread for st in list(self.watch._mine.values())}
+        # Where the threads are and their CPU, first: reading /proc releases the GIL.
+        frames = sys._current_frames()
+        try:
+            after = take_look(frames, self._clocks, me)
+            fd = self._rq_fd
+            if rq0 < 0 or fd < 0:
+                return  # without our own run-queue wait, waiting for a CPU is not ruled out
+            rq1 = discount.run_queue_ns(fd)  # releases the GIL
+            if rq1 < 0:
+                return
+            cpu_wait = min(max(rq1 - rq0, 0) / 1e9, late)
+            waited = min(starved, late - cpu_wait)
+            if waited <= 2.0 * self.watch._threshold_s:
+                return
+            found = holder(before, after, skip, waited)
+            if found is None:
+                return
+            ident, evidence = found
+            frame = frames.get(ident)
+            if not has_user_frame(frame):
+                return
+            location = user_location(frame)
+        finally:
+            del frames
+        why = (
+            f"the watchdog woke {late * 1000.0:.1f} ms late, {cpu_wait * 1000.0:.1f} ms of it "
+            f"waiting for a CPU and {waited * 1000.0:.1f} ms for the GIL; {evidence}"
+        )
+        record_gil(self.watch, g, waited, location, why, None)
+
+
+def record_gil(
+    watch: LoopWatch,
+    g: guard.Guard,
+    waited: float,
+    location: Location,
+    why: str,
+    request: str | None,
+) -> None:
+    """Record a ``call="gil"`` loop stall: a thread held the GIL for ``waited`` seconds at
+    ``location``, ``why`` being the evidence in words."""
+    file, line, function = location
+    message = (
+        f"A worker thread held the GIL for {waited * 1000.0:.1f} ms at {file}:{line} "
+        f"({function}): the event loop could not run meanwhile ({why}; "
+        f"{GIL_ADVICE}). See {DOCS}loop-stall"
+    )
+    watch.stalls += 1
+    g.record(
+        "loop-stall",
+        message,
+        location=location,
+        request=request,
+        duration_ms=waited * 1000.0,
+        call="gil",
+    )
+
+
+# -- evidence of a GIL holder ------------------------------------------------------------------
+
+
+class Look:
+    """Each thread's CPU time (ns) and where its innermost Python frame was, at ``t``
+    (real.perf_counter): ident -> (cpu, frame id, instruction offset, what it was doing:
+    one of :data:`PYTHON`, :data:`KEEPS`, :data:`RELEASES`, :data:`CALL`)."""
+
+    __slots__ = ("t", "threads")
+
+    def __init__(self, t: float, threads: dict[int, tuple[int, int, int, str]]) -> None:
+        self.t = t
+        self.threads = threads
+
+
+# What a thread's innermost frame was doing when looked at:
+PYTHON = "python"  # stopped between bytecodes (not at a call): it was running Python code
+KEEPS = "keeps"  # inside a C call known to keep the GIL (json, re, sorted, pickle)
+RELEASES = "releases"  # inside a C call known to release it for its work (hashing, I/O)
+WAITS = "waits"  # inside a blocking wait that releases it and uses no CPU (queue.get, sleep)
+CALL = "call"  # inside some other C call: either
+# Caught running Python code in a function that itself calls a GIL-releasing function
+# (hashing, compression): its CPU may have gone to that call, it is no evidence.
+NEAR_RELEASE = "near-release"
+
+# Names on the line of a call (the callable as the source names it) that tell a C call
+# which releases the GIL for its work, or keeps it. Looked up in that order.
+_RELEASING_NAMES = frozenset(
+    {
+        "pbkdf2_hmac", "scrypt", "hashpw", "checkpw", "kdf", "gensalt",
+        "argon2_hash", "argon2_verify", "hash_secret", "hash_secret_raw", "verify_secret",
+        "compress", "decompress", "flush", "update", "digest", "hexdigest", "file_digest",
+        "sha1", "sha224", "sha256", "sha384", "sha512", "md5", "blake2b", "blake2s",
+        "sha3_256", "sha3_512", "crc32", "adler32",
+        "read", "readinto", "write",
+    }
+)
+# Blocking waits (an idle worker in ``queue.get()``, a sleep) and socket calls (a worker
+# waking the loop through its self-pipe): the thread uses little or no CPU in them, so a
+# thread seen in one at a window's start spent its CPU in the window on what it did after:
+# it is judged by what it was doing at the window's end.
+_WAITING_NAMES = frozenset(
+    {
+        "sleep", "recv", "recv_into", "recvfrom", "send", "sendall", "sendto", "select",
+        "poll", "connect", "accept", "acquire", "wait", "join", "get",
+    }
+)
+_RELEASING_MODULES = ("hashlib", "zlib", "bz2", "lzma", "argon2", "bcrypt", "nacl", "ssl")
+_KEEPING_NAMES = frozenset(
+    {
+        "dumps", "loads", "dump", "load", "encode", "decode", "iterencode", "raw_decode",
+        "sub", "subn", "findall", "finditer", "search", "match", "fullmatch", "split",
+        "sorted", "sort", "sum", "deepcopy",
+        # quick builtins a pure-Python loop calls (it is made to give the GIL up right
+        # after them): never release it
+        "thread_time", "perf_counter", "monotonic", "time", "process_time", "len",
+        "isinstance", "range", "append", "extend", "pop", "min", "max", "abs", "int",
+        "float", "str", "repr", "getattr", "setattr", "hasattr", "format", "replace",
+        "strip", "items", "keys", "values", "randint", "random", "choice",
+    }
+)
+# Modules whose C calls keep the GIL: a thread at a call in their Python code (the
+# encoder's call of its C scanner) is inside such a call.
+_KEEPING_MODULES = ("json/", "re/", "pickle.py", "copy.py", "csv.py")
+_CALL_OPS = frozenset(
+    name
+    for name in dis.opname
+    if name.startswith(("CALL", "PRECALL")) or name in ("BEFORE_WITH", "SETUP_WITH", "IMPORT_NAME")
+)
+_kinds: dict[tuple[CodeType, int], str] = {}
+
+
+def doing(frame: FrameType) -> str:
+    """What the thread whose innermost frame is ``frame`` was doing (see :class:`Look`):
+    the instruction it stopped at, and for a call the names on its line before it."""
+    code = frame.f_code
+    lasti = frame.f_lasti
+    key = (code, lasti)
+    kind = _kinds.get(key)
+    if kind is not None:
+        return kind
+    raw = code.co_code
+    op = dis.opname[raw[lasti]] if 0 <= lasti < len(raw) else ""
+    if op not in _CALL_OPS:
+        kind = NEAR_RELEASE if _calls_releasing(code) else PYTHON
+    else:
+        names: list[str] = []  # loaded by name on the call's line, before the call
+        for ins in dis.get_instructions(code):
+            if ins.offset >= lasti:
+                break
+            if ins.starts_line:
+                names = []
+            if ins.opname.startswith(("LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD", "LOAD_NAME")):
+                names.append(str(ins.argval))
+        module = library_path(code.co_filename)
+        if any(n in _RELEASING_NAMES or n in _RELEASING_MODULES for n in names):
+            kind = RELEASES
+        elif any(n in _WAITING_NAMES for n in names):
+            kind = WAITS
+        elif any(n in _KEEPING_NAMES for n in names):
+            kind = NEAR_RELEASE if _calls_releasing(code) else KEEPS
+        elif module.startswith(_RELEASING_MODULES):
+            kind = RELEASES
+        elif module.startswith(_KEEPING_MODULES):
+            kind = KEEPS
+        else:
+            kind = CALL
+    if len(_kinds) > 4096:
+        _kinds.clear()
+    _kinds[key] = kind
+    return kind
+
+
+# The names of :data:`_RELEASING_NAMES` that do CPU work (not I/O, not names as common as
+# ``update``), for :func:`_calls_releasing`.
+_WORK_NAMES = frozenset(
+    {
+        "pbkdf2_hmac", "scrypt", "hashpw", "checkpw", "kdf", "argon2_hash", "argon2_verify",
+        "hash_secret", "hash_secret_raw", "verify_secret", "PasswordHasher", "compress",
+        "decompress", "file_digest", "sha1", "sha224", "sha256", "sha384", "sha512", "md5",
+        "blake2b", "blake2s", "sha3_256", "sha3_512", "crc32", "adler32",
+    }
+)
+_releasing_code: dict[CodeType, bool] = {}
+
+
+def _calls_releasing(code: CodeType) -> bool:
+    """Whether the function of ``code`` calls a function known to release the GIL for its
+    work (names it: ``hashlib.pbkdf2_hmac``, ``zlib.compress``, ``bcrypt.hashpw``)."""
+    found = _releasing_code.get(code)
+    if found is None:
+        found = any(n in _WORK_NAMES or n in _RELEASING_MODULES for n in code.co_names)
+        if len(_releasing_code) > 4096:
+            _releasing_code.clear()
+        _releasing_code[code] = found
+    return found
+
+
+def _clock_of(native_id: int) -> int:
+    """The CPU-time clock of a thread of this process (Linux: MAKE_THREAD_CPUCLOCK(tid,
+    CPUCLOCK_SCHED)); reading it for a thread that has ended fails with EINVAL, never
+    touches freed memory (unlike pthread_getcpuclockid on a stale ident)."""
+    return ((~native_id) << 3) | 6
+
+
+def own_cpu_ns() -> int:
+    """The calling thread's CPU time (ns), on the clock :func:`take_look` reads."""
+    return _cpu.thread_time_ns()
+
+
+def _thread_cpu_ns(clock: int) -> int:
+    try:
+        return _cpu.clock_gettime_ns(clock)
+    except (OSError, ValueError, OverflowError):
+        return -1
+
+
+def take_look(frames: dict[int, FrameType], clocks: dict[int, int], me: int) -> Look:
+    """A :class:`Look` at the threads of ``frames`` (``sys._current_frames()``) but ``me``;
+    ``clocks`` caches ident -> CPU clock. Does not release the GIL."""
+    if not _HAS_THREAD_CLOCKS:
+        return Look(real.perf_counter(), {})
+    if any(ident not in clocks for ident in frames if ident != me):
+        clocks.clear()
+        for t in threading.enumerate():
+            if t.ident is not None and t.native_id is not None:
+                clocks[t.ident] = _clock_of(t.native_id)
+    threads: dict[int, tuple[int, int, int, str]] = {}
+    for ident, frame in frames.items():
+        clock = clocks.get(ident)
+        if ident == me or clock is None:
+            continue
+        cpu = _thread_cpu_ns(clock)
+        if cpu >= 0:
+            threads[ident] = (cpu, id(frame), frame.f_lasti, doing(frame))
+    return Look(real.perf_counter(), threads)
+
+
+# The threads that may hold the GIL ran at least this share of the time the loop waited for
+# it (the rest they can have spent preempted while holding it); threads inside calls that
+# release it ran at most _BESIDE of that beside them.
+_RAN = 0.25
+_BESIDE = 0.25
+# Threads that need the GIL take turns: together at most about one CPU (slack for readings).
+_ONE_AT_A_TIME = 1.25
+
+
+def holder(
+    before: Look, after: Look, skip: set[int], waited: float
+) -> tuple[int, str] | None:
+    """The thread that held the GIL between two looks while the loop waited ``waited``
+    seconds for it, and the evidence in words; None without evidence.
+
+    Evidence: a thread caught between bytecodes (it was running Python, and was made to
+    give the GIL up) or inside a C call known to keep the GIL, that ran in the window;
+    the threads that may hold the GIL (those, and threads inside other C calls) ran
+    ``_RAN`` of the wait at least, together at most one CPU (they take turns); and threads
+    inside calls known to release the GIL (hashing, compression, I/O) ran at most
+    ``_BESIDE`` of that beside them. C work that releases the GIL in threads (argon2,
+    bcrypt, hashlib, zlib) is no evidence however late the loop got the GIL back: on a
+    loaded machine a thread preempted while it briefly holds the GIL makes all wait."""
+    holders: list[tuple[float, int, str, str]] = []  # caught running Python or keeping it
+    maybe = 0.0  # CPU of threads inside other C calls
+    beside = 0.0  # CPU of threads inside calls that release the GIL
+    for ident, (cpu1, _frame, _lasti, kind) in after.threads.items():
+        if ident in skip:
+            continue
+        old = before.threads.get(ident)
+        if old is None:
+            continue  # started within the window
+        ran = max(cpu1 - old[0], 0) / 1e9
+        if ran <= 0.0:
+            continue
+        if old[3] == RELEASES:
+            kind = RELEASES  # its CPU in the window went (at least partly) to that call
+        # A thread in a blocking wait at the start (an idle worker in queue.get()) used no
+        # CPU there: what it ran came after, judged by what it was doing at the end.
+        if kind in (PYTHON, KEEPS):
+            holders.append((ran, ident, kind, old[3]))
+        elif kind in (RELEASES, NEAR_RELEASE):
+            beside += ran
+        else:
+            maybe += ran
+    if not holders:
+        return None
+    window = after.t - before.t
+    held = sum(h[0] for h in holders)
+    may = held + maybe
+    if may < _RAN * waited or may > _ONE_AT_A_TIME * window or beside > _BESIDE * may:
+        return None
+    ran, ident, kind, start = max(holders)
+    what = (
+        "was running Python code (stopped between bytecodes, made to give the GIL up)"
+        if kind == PYTHON
+        else "was at a C call that keeps the GIL (inside it, or made to give the GIL up "
+        "right after it)"
+    )
+    return ident, (
+        f"this thread {what} and ran {ran * 1000.0:.1f} ms of CPU in the "
+        f"{window * 1000.0:.1f} ms window ({_AT_START.get(start, _AT_START[CALL])}); the "
+        f"threads that can hold the GIL ran {may * 1000.0:.1f} ms, one at a time, threads "
+        f"in calls that release it {beside * 1000.0:.1f} ms"
+    )
+
+
+# What a holder was doing when the window opened, in the evidence's words.
+_AT_START = {
+    PYTHON: "running Python code when it opened",
+    KEEPS: "at a C call that keeps the GIL when it opened",
+    WAITS: "idle in a blocking wait when it opened: its CPU was spent after that",
+    NEAR_RELEASE: "running Python code when it opened",
+    CALL: "inside a C call when it opened",
+}
 
 
 def sample(st: LoopState, start: float, seq: int) -> None:
@@ -267,6 +649,7 @@ def sample(st: LoopState, start: float, seq: int) -> None:
     label = info.request if info is not None else None
     after = real.perf_counter()
     loc, depth = walk(frame)
+    library, library_depth = innermost_outside_plugin(frame) if loc is None else (None, 0)
     del frame
     with st.lock:
         if st.start != start or st.seq != seq:
@@ -287,6 +670,8 @@ def sample(st: LoopState, start: float, seq: int) -> None:
                 samples.request = label
             elif samples.inside is None:
                 samples.request = label  # no location yet: the latest label
+                if library is not None and library_depth >= samples.library_depth:
+                    samples.library, samples.library_depth = library, library_depth
         else:
             samples.outside_n += 1
             if not samples.inside_n:
@@ -347,6 +732,23 @@ def _coro_frames(coro: Any) -> list[FrameType]:
     return frames
 
 
+def callback_location(owner: Any) -> Location | None:
+    """Where a plain loop callback (not a task: its frames may be the test's) is defined:
+    (file, first line, name), or None (a builtin, a task, the plugin's own)."""
+    if isinstance(owner, asyncio.Task) or hasattr(owner, "coro"):
+        return None
+    target = owner
+    for _ in range(8):
+        inner = getattr(target, "func", None) or getattr(target, "__func__", None)
+        if inner is None:
+            break
+        target = inner
+    code = getattr(target, "__code__", None)
+    if not isinstance(code, CodeType) or is_plugin_file(code.co_filename):
+        return None
+    return library_path(code.co_filename), code.co_firstlineno, code.co_name
+
+
 def suspended(owner: Any) -> tuple[Location | None, bool]:
     """Where the step's task is suspended now (after the step): the innermost user frame
     inside the request (None if the task is not suspended inside one), and whether the
@@ -396,7 +798,31 @@ def resume_point(owner: Any) -> object:
     return tuple((frame.f_code, frame.f_lineno) for frame in frames)
 
 
-def _has_user_frame(frame: FrameType | None) -> bool:
+def innermost_outside_plugin(frame: FrameType | None) -> tuple[Location | None, int]:
+    """(the innermost frame of a running step that is not the plugin's (stdlib or an
+    installed library: no user frame was on the stack), its depth from the step boundary),
+    or (None, 0). Library frames called by a frame of the plugin (its own bookkeeping) are
+    the plugin's: not named."""
+    found: FrameType | None = None
+    found_at = 0
+    frames = 0
+    while frame is not None:
+        code = frame.f_code
+        if _is_step_boundary(code) or _is_attributed(code):
+            break
+        if is_plugin_file(code.co_filename):
+            found = None  # what ran inside it was ours
+        elif found is None:
+            found, found_at = frame, frames
+        frames += 1
+        frame = frame.f_back
+    if found is None:
+        return None, 0
+    code = found.f_code
+    return (library_path(code.co_filename), found.f_lineno, code.co_name), frames - found_at
+
+
+def has_user_frame(frame: FrameType | None) -> bool:
     while frame is not None:
         if is_user_file(frame.f_code.co_filename):
             return True
