@@ -176,8 +176,12 @@ def test_doing_tells_an_idle_worker_and_the_json_encoder() -> None:
         assert kinds and kinds.count(kind) >= 0.7 * len(kinds), (kind, kinds)
 
 
-@pytest.mark.parametrize(("target", "expected"), [(_spin, KEEPS), (_hash, RELEASES)])
-def test_doing_tells_python_from_a_gil_releasing_call(target: Any, expected: str) -> None:
+# _spin hands the GIL over at its loop's C call (time.thread_time, which keeps it) or at
+# the entry of _mix (Python; more often on a busy machine): both are holding it.
+@pytest.mark.parametrize(
+    ("target", "expected"), [(_spin, {KEEPS, PY}), (_hash, {RELEASES})], ids=["spin", "hash"]
+)
+def test_doing_tells_python_from_a_gil_releasing_call(target: Any, expected: set[str]) -> None:
     thread = threading.Thread(target=target)
     thread.start()
     seen: list[str] = []
@@ -190,7 +194,7 @@ def test_doing_tells_python_from_a_gil_releasing_call(target: Any, expected: str
             del frame
     finally:
         thread.join(timeout=10)
-    assert seen and seen.count(expected) >= 0.8 * len(seen), seen
+    assert seen and sum(kind in expected for kind in seen) >= 0.8 * len(seen), seen
 
 
 @pytest.mark.skipif(not watchdog._HAS_THREAD_CLOCKS, reason="per-thread CPU clocks (Linux)")
