@@ -787,10 +787,9 @@ def test_a_busy_machine_has_the_steps_read_their_cpu_time(
     time, read at its start while the watchdog sees the loop thread wait for a CPU."""
     watch = LoopWatch(20)
     st = _state(watch)
-    st.rq_fd = 1_000_000  # faked: run_queue_ns is patched
+    st.rq_fd = 1_000_000  # faked: schedstat is patched
     waits = iter([0, 200_000, 400_000, 5_000_000, 5_100_000])  # ns, one per reading
-    monkeypatch.setattr(discount, "run_queue_ns", lambda fd: next(waits))
-    monkeypatch.setattr(discount, "cpu_ns", lambda fd: 0)
+    monkeypatch.setattr(discount, "schedstat", lambda fd: (0, next(waits)))
     clock = [100.0]
     monkeypatch.setattr(discount, "_now", lambda: clock[0])
     for precise in (False, False, False, True):  # 0.2 ms waits, then 4.6 ms in a reading
@@ -845,7 +844,7 @@ def test_run_queue_history_keeps_the_reading_before_a_long_step(
     st = _state(watch)
     st.rq_fd = 1_000_000
     readings = iter(range(1, 100))
-    monkeypatch.setattr(discount, "run_queue_ns", lambda fd: next(readings))
+    monkeypatch.setattr(discount, "schedstat", lambda fd: (-1, next(readings)))
     discount.read_run_queue(st)  # idle
     st.start = real.perf_counter()  # a step starts and runs long
     for _ in range(40):

@@ -145,6 +145,10 @@ def _log_turn(watch: LoopWatch, states: list[LoopState], start: float, end: floa
     watch.turn_since = 0.0
 
 
+# The names of the plugin's own helper threads start so (never a GIL holder worth naming).
+HELPER_PREFIX = "stallguard-"
+
+
 def _running(watch: LoopWatch) -> bool:
     """Whether a loop of ``watch`` is running a step now."""
     return any(st.start for st in list(watch._mine.values()))
@@ -159,6 +163,9 @@ class Watchdog:
         self._stopping = False
         self._rq_fd = -1  # the watchdog thread's own schedstat (watchdog thread only)
         self._clocks: dict[int, int] = {}  # thread ident -> its CPU clock (watchdog only)
+        # the threads look() last saw, and which of them are the plugin's helpers
+        self._seen: frozenset[int] = frozenset()
+        self._helpers: set[int] = set()
 
     def start(self) -> None:
         if self.thread is not None:
@@ -216,12 +223,15 @@ class Watchdog:
                 released = real.perf_counter()
                 self._rq_fd = discount.open_schedstat(threading.get_native_id())
                 self._sample_if_late(released)
-            if self._rq_fd >= 0 and not _running(watch):
+            looked = watch.turn_since = real.perf_counter()
+            before = self.look()  # the baseline of the window this sleep opens
+            # Our own run-queue wait tells a late wake's wait for a CPU from one for the
+            # GIL: only needed when another thread could hold the GIL (a look was taken).
+            rq0 = -1
+            if before is not None and self._rq_fd >= 0 and not _running(watch):
                 released = real.perf_counter()
                 rq0 = discount.run_queue_ns(self._rq_fd)  # releases the GIL
                 self._sample_if_late(released)
-            looked = watch.turn_since = real.perf_counter()
-            before = self.look()  # the baseline of the window this sleep opens
             asked = real.perf_counter()
             _log_turn(watch, list(watch._mine.values()), looked, asked)
             real.sleep(interval)
@@ -303,13 +313,29 @@ class Watchdog:
             return None
         frames = sys._current_frames()
         try:
-            if len(frames) <= 1 + len(watch._mine):
-                return None  # only the loops and us: nobody else could hold the GIL
+            if frames.keys() <= self._ours(frames):
+                # only the loops, us and the plugin's helper threads (which never hold the
+                # GIL for long): nobody else could hold it
+                return None
             look = take_look(frames, self._clocks, threading.get_ident())
         finally:
             del frames
         watch._looks.append(look)
         return look
+
+    def _ours(self, frames: dict[int, FrameType]) -> set[int]:
+        """The threads of ``frames`` that are the plugin's own: the loops' (they are the
+        ones waiting), this one, and the helper threads named ``stallguard-...`` (the bounded
+        waits' timer, the upstream servers), looked up again whenever the threads change."""
+        ours = {st.thread for st in list(self.watch._mine.values())}
+        ours.add(threading.get_ident())
+        if frames.keys() != self._seen:
+            self._seen = frozenset(frames)
+            self._helpers = {
+                t.ident for t in threading.enumerate()
+                if t.ident is not None and t.name.startswith(HELPER_PREFIX)
+            }
+        return ours | self._helpers
 
     def _gil_check(self, starved: float, late: float, rq0: int, before: Look | None) -> None:
         """Nothing ran on the loop for ``starved`` seconds and the watchdog woke ``late``
