@@ -219,6 +219,37 @@ def test_take_look_reads_other_threads_cpu_without_their_ident_clock() -> None:
     assert second.threads[thread.ident][0] > first.threads[thread.ident][0]
 
 
+@pytest.mark.skipif(not watchdog._HAS_THREAD_CLOCKS, reason="per-thread CPU clocks (Linux)")
+@pytest.mark.parametrize("name", ["stallguard-helper", "app-worker"])
+def test_only_threads_of_the_app_are_looked_at(name: str) -> None:
+    """The watchdog looks at the threads (a GIL holder's evidence) only when one that is
+    not the plugin's own runs: its helper threads (``stallguard-...``) never hold the GIL
+    for long, and a look at every wake costs the loop the GIL."""
+    from pytest_stallguard.loopwatch import LoopWatch
+
+    watch = LoopWatch(20)
+    dog = watchdog.Watchdog(watch)
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, name=name, daemon=True)
+    thread.start()
+    try:
+        helper = name.startswith(watchdog.HELPER_PREFIX)
+        assert (thread.ident in dog._ours(sys._current_frames())) is helper
+        # Any other thread of this process (an idle worker a previous test left) counts
+        # as the app's: the look itself is checked when none runs.
+        others = [t for t in threading.enumerate()
+                  if t is not thread and t is not threading.current_thread()
+                  and not t.name.startswith(watchdog.HELPER_PREFIX)]
+        look = dog.look()
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    if helper and not others:
+        assert look is None
+    elif not helper:
+        assert look is not None and thread.ident in look.threads
+
+
 # -- the clean twin: GIL-releasing C work in worker threads beside CPU burners ---------------
 
 APP = """
