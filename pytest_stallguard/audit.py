@@ -162,39 +162,33 @@ def end(ledger: Ledger, token: contextvars.Token[Ledger | None]) -> None:
 
 
 def observe(start: float, end: float, ctx: contextvars.Context | None, owner: Any) -> None:
-    """Called by the loop watch at the end of every step (see steps.step_observer)."""
+    """Called by the loop watch at the end of every step (see steps.step_observer).
+
+    The hot path: every loop step while a burst runs, kept flat on purpose (one call), and
+    without id() on asyncio (it raises an audit event, for which the traps' hook runs)."""
     rec = _recorder
     if rec is None:
         return
     try:
-        _observe(rec, start, end, ctx, owner)
+        ready = rec.sched.pop(owner if rec.by_handle else id(owner), None)
+        if rec.closing:  # requests that ended inside this step: their part of it
+            closing, rec.closing = rec.closing, []
+            for done, at in closing:
+                _step(done, ready, start, at)
+        ledger = ctx.get(_ledger) if ctx is not None else None
+        if ledger is None:
+            return
+        last = ledger.last_end
+        if ready is None or ready >= start:
+            ready = start  # not seen scheduled, or not waiting
+        elif ready < last:
+            ready = last if last < start else start  # not ready before its last step ended
+        ledger.steps.extend((ready, start, end))
+        if end > last:
+            ledger.last_end = end
     except Exception as exc:
         rec.stop()
         patching.hook_failed(OWNER, "asyncio", "the loop steps of a request", exc)
-
-
-def _observe(rec: Recorder, start: float, end: float, ctx: contextvars.Context | None,
-             owner: Any) -> None:
-    # The hot path: every loop step while a burst runs (kept flat on purpose, and without
-    # id() on asyncio: it raises an audit event, for which the traps' audit hook runs).
-    ready = rec.sched.pop(owner if rec.by_handle else id(owner), None)
-    if rec.closing:  # requests that ended inside this step: their part of it
-        closing, rec.closing = rec.closing, []
-        for done, at in closing:
-            _step(done, ready, start, at)
-    if ctx is None:
-        return
-    ledger = ctx.get(_ledger)
-    if ledger is None:
-        return
-    last = ledger.last_end
-    if ready is None or ready >= start:
-        ready = start  # not seen scheduled, or not waiting
-    elif ready < last:
-        ready = last if last < start else start  # not ready before its last step ended
-    ledger.steps.extend((ready, start, end))
-    if end > last:
-        ledger.last_end = end
 
 
 def _step(ledger: Ledger, ready: float | None, start: float, end: float) -> None:
@@ -377,6 +371,13 @@ class Recorder:
             })
         return out
 
+    def timeline(self, ledgers: Iterable[Ledger | None], end: float,
+                 marks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The burst's timeline: the counters, and ``marks`` (see :meth:`marks`)."""
+        out = self.counters(ledgers, end)
+        out["marks"] = marks
+        return out
+
     def counters(self, ledgers: Iterable[Ledger | None], end: float) -> dict[str, Any]:
         """Step counters on the burst's time axis: ``[[t_ms, value], ...]`` per name."""
         t0 = self.t0
@@ -388,7 +389,8 @@ class Recorder:
             flat = ledger.steps
             for k in range(0, len(flat), 3):
                 s, e = flat[k], flat[k + 1]  # ready at s, ran at e
-                if e > s:  # loop_wait
+                if end >= e > s:  # loop_wait (in the burst: read after it, a task it
+                    # left running may have added steps)
                     slot = int((e - t0) * 1000.0)
                     if e - s > lags.get(slot, 0.0):
                         lags[slot] = e - s

@@ -18,7 +18,7 @@ from .clock import real
 from .context import ASGIApp
 from .driver import RequestSpec, build_spec, call
 from .errors import ConfigError
-from .model import BurstResult, RequestError, RequestTiming, RequestTimings
+from .model import BurstResult, RequestError, RequestTiming, RequestTimings, Timeline
 
 SpecLike = Any  # ("GET", "/x") | ("POST", "/x", {"json": ...}) | {"method": ..., "path": ...}
 
@@ -134,10 +134,11 @@ async def run(
             ledger.open = False
     requests = RequestTimings(functools.partial(
         _timings, specs, issued_at[:], latencies[:], ttfb[:], status_of[:], ledgers, started))
-    timeline: dict[str, Any] = {}
+    timeline: Mapping[str, Any] = {}
     if recorder is not None:
-        timeline = recorder.counters(ledgers, ended)
-        timeline["marks"] = recorder.marks(ended)
+        # The findings now (a later one is not the burst's); the counters on first read.
+        timeline = Timeline(functools.partial(
+            recorder.timeline, ledgers, ended, recorder.marks(ended)))
     labels = tuple(dict.fromkeys(s.label for s in specs))
     mixed = len(labels) > 1
     return BurstResult(

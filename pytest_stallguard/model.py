@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
@@ -240,22 +240,18 @@ class RequestTiming:
         )
 
 
-class RequestTimings(Sequence[RequestTiming]):
-    """``BurstResult.requests``: the burst's :class:`RequestTiming` list, made on first read.
-
-    Splitting every request's time into its breakdown costs a few microseconds a request;
-    a burst that nobody reads request by request (no report, no trace, no test looking)
-    does not pay it. A read-only sequence: equal to a list with the same items, pickled as
-    that list; ``make`` runs once (thread-safe) and is dropped with what it holds."""
+class _MadeOnce:
+    """A value made on first read by ``make`` (once, thread-safe; ``make`` and what it
+    holds are dropped then)."""
 
     __slots__ = ("_items", "_lock", "_make")
 
-    def __init__(self, make: Callable[[], list[RequestTiming]]) -> None:
-        self._make: Callable[[], list[RequestTiming]] | None = make
-        self._items: list[RequestTiming] | None = None
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make: Callable[[], Any] | None = make
+        self._items: Any = None
         self._lock = threading.Lock()
 
-    def _list(self) -> list[RequestTiming]:
+    def _value(self) -> Any:
         items = self._items
         if items is None:
             with self._lock:
@@ -265,6 +261,20 @@ class RequestTimings(Sequence[RequestTiming]):
                     items = self._items = self._make()
                     self._make = None
         return items
+
+
+class RequestTimings(_MadeOnce, Sequence[RequestTiming]):
+    """``BurstResult.requests``: the burst's :class:`RequestTiming` list, made on first read.
+
+    Splitting every request's time into its breakdown costs a few microseconds a request;
+    a burst that nobody reads request by request (no report, no trace, no test looking)
+    does not pay it. A read-only sequence: equal to a list with the same items, pickled as
+    that list; ``make`` runs once (thread-safe) and is dropped with what it holds."""
+
+    __slots__ = ()
+
+    def _list(self) -> list[RequestTiming]:
+        return self._value()  # type: ignore[no-any-return]
 
     def __len__(self) -> int:
         return len(self._list())
@@ -291,6 +301,32 @@ class RequestTimings(Sequence[RequestTiming]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (list, (self._list(),))
+
+
+class Timeline(_MadeOnce, Mapping[str, Any]):
+    """``BurstResult.timeline`` of an audited burst, made on first read: its counters walk
+    every loop step of every request, which a burst nobody draws does not pay for. A
+    read-only mapping: equal to a dict with the same items, pickled as that dict."""
+
+    __slots__ = ()
+
+    def _dict(self) -> dict[str, Any]:
+        return self._value()  # type: ignore[no-any-return]
+
+    def __getitem__(self, key: str) -> Any:
+        return self._dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
+
+    def __repr__(self) -> str:
+        return repr(self._dict())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (dict, (self._dict(),))
 
 
 def sum_breakdowns(requests: Sequence[RequestTiming]) -> dict[str, float] | None:
@@ -321,8 +357,9 @@ class BurstResult:
     requests: Sequence[RequestTiming] = field(default_factory=list)
     # What happened during the burst, on its time axis (ms from its start), for the HTML
     # timeline and the trace: "marks" (findings recorded during it), "canary" probes,
-    # "loop_lag" and "in_use" counters. See :mod:`..audit`.
-    timeline: dict[str, Any] = field(default_factory=dict)
+    # "loop_lag" and "in_use" counters. See :mod:`..audit`. A burst gives a Timeline (made
+    # on first read).
+    timeline: Mapping[str, Any] = field(default_factory=dict)
     # real.perf_counter() at the burst's start (not in the JSON).
     t0: float = 0.0
 
@@ -376,7 +413,7 @@ class BurstResult:
             "breakdown": None if self.breakdown is None
             else {k: _r3(v) for k, v in self.breakdown.items()},
             "requests": [r.to_dict() for r in self.requests],
-            "timeline": self.timeline,
+            "timeline": dict(self.timeline),
         }
 
 

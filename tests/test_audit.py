@@ -511,10 +511,20 @@ async def test_a_failing_audit_never_reaches_the_app(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(patching, "_warned", set())
     patching.take_warnings()
 
-    def broken(*args: Any) -> None:
-        raise RuntimeError("bookkeeping broken on purpose")
+    class Broken(audit.Ledger):
+        """A ledger whose step bookkeeping fails (read at the end of every step)."""
 
-    monkeypatch.setattr(audit, "_observe", broken)
+        __slots__ = ()
+
+        @property  # type: ignore[override]
+        def last_end(self) -> float:
+            raise RuntimeError("bookkeeping broken on purpose")
+
+        @last_end.setter
+        def last_end(self, value: float) -> None:
+            pass
+
+    monkeypatch.setattr(audit, "Ledger", Broken)
     (hold,) = await _bursts(busy_app(), [("/hold", 3)])
     assert hold.statuses == {200: 3} and not hold.errors
     notes = patching.take_warnings()

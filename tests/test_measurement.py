@@ -216,3 +216,42 @@ async def test_request_timings_are_settled_on_first_read(
     assert result.requests == as_list and pickle.loads(pickle.dumps(result.requests)) == as_list
     assert result.to_dict()["requests"] == [r.to_dict() for r in as_list]
     assert len(settled) == 12  # settled once
+
+
+@pytest.mark.anyio
+async def test_the_timeline_counters_wait_for_the_first_read(
+    anyio_backend: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timeline's counters walk every step of every request: made on first read, once,
+    from the burst's own steps; the findings it marks are those of the burst's time."""
+    import json
+    import pickle
+
+    from pytest_stallguard import audit
+    from pytest_stallguard.client import running
+    from pytest_stallguard.config import Settings
+    from pytest_stallguard.run import GuardRun
+
+    made: list[int] = []
+    counters = audit.Recorder.counters
+
+    def counted(self: audit.Recorder, *args: Any) -> Any:
+        made.append(1)
+        return counters(self, *args)
+
+    monkeypatch.setattr(audit.Recorder, "counters", counted)
+    with GuardRun(Settings()) as run:
+        await run.enter_loop()
+        async with running(make_app(), Settings(), run.guard) as client:
+            result = await client.burst("GET", "/fast", n=12)
+            await client.get("/fast")  # more steps after the burst: not on its timeline
+        await run.leave_loop()
+    assert made == []  # nothing read yet
+    assert set(result.timeline) == {"loop_lag_ms", "in_use", "marks"}
+    assert made == [1]
+    as_dict = dict(result.timeline)
+    assert result.timeline == as_dict and pickle.loads(pickle.dumps(result.timeline)) == as_dict
+    assert json.loads(json.dumps(result.to_dict()))["timeline"] == json.loads(json.dumps(as_dict))
+    span_ms = result.elapsed_s * 1000.0
+    assert all(0 <= t <= span_ms + 1 for t, _ in as_dict["loop_lag_ms"])
+    assert made == [1]  # made once
