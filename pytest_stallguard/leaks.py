@@ -178,13 +178,17 @@ class LeakCheck:
         previous = loop.get_task_factory()
         hooks, check = self._hooks, self
         library = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+        in_request = context.current_var
 
         def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
             if previous is not None:
                 task = previous(loop, coro, **kwargs)
             else:
                 task = asyncio.Task(coro, loop=loop, **kwargs)
-            if installed and not hooks.disabled(TASK_FACTORY, loop):
+            # Only a task created for a request can be its leak: the test's own tasks and
+            # a burst's (made outside any request) cost one context variable read.
+            if installed and in_request.get() is not None and not hooks.disabled(
+                    TASK_FACTORY, loop):
                 hooks.safely(library, TASK_FACTORY, loop, check._note_task, task,
                              sys._getframe(1))
             return task
