@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import contextvars
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -70,7 +71,11 @@ LAG_MIN_S = 0.0002  # loop lag below this is not drawn in the counter
 
 
 class Ledger:
-    """What one request of a burst spent its time on (filled by the hooks)."""
+    """What one request of a burst spent its time on (filled by the hooks).
+
+    One small object a request, nothing else while the burst runs: its loop steps go to
+    the recorder's one flat list, and are handed to it (``steps``) when the burst is
+    first read (:meth:`Recorder.split`)."""
 
     __slots__ = ("issued", "last_end", "open", "spans", "steps", "upstreams")
 
@@ -79,17 +84,16 @@ class Ledger:
         self.open = True  # False once its burst is over: what it holds is settled as is
         self.last_end = issued  # end of its last loop step: it was not ready before that
         # The spans the pools, threads and SQLAlchemy noted: (rank, start, end).
-        self.spans: list[tuple[int, float, float]] = []
+        self.spans: list[tuple[int, float, float]] | None = None
         # Its loop steps, flat: ready, start, end, ready, start, end, ... (ready == start
-        # when it did not wait). Plain floats, turned into loop_wait and loop spans when
-        # the burst is settled: the per-step path allocates nothing that outlives it.
-        self.steps: list[float] = []
+        # when it did not wait), once the burst is split; None before.
+        self.steps: list[float] | None = None
         self.upstreams: dict[str, float] | None = None
 
     def step_spans(self) -> list[tuple[int, float, float]]:
         """Its loop steps as loop_wait and loop spans, with the others."""
-        out = list(self.spans)
-        flat = self.steps
+        out = list(self.spans or ())
+        flat = self.steps or ()
         for k in range(0, len(flat), 3):
             ready, start, end = flat[k], flat[k + 1], flat[k + 2]
             if start > ready:
@@ -117,6 +121,8 @@ def span(kind: str, start: float, end: float) -> None:
     (a name of :data:`KINDS`). Cheap, and a no-op outside an audited burst."""
     ledger = _ledger.get()
     if ledger is not None and end > start and ledger.open:
+        if ledger.spans is None:
+            ledger.spans = []
         ledger.spans.append((RANK[kind], start, end))
 
 
@@ -128,6 +134,8 @@ def http_call(host: str, start: float, end: float, wait_s: float) -> None:
     if ledger is None or end <= start or not ledger.open:
         return
     wait_end = min(end, start + max(wait_s, 0.0))
+    if ledger.spans is None:
+        ledger.spans = []
     if wait_end > start:
         ledger.spans.append((RANK["pool_wait"], start, wait_end))
     ledger.spans.append((RANK["io"], wait_end, end))
@@ -174,16 +182,16 @@ def observe(start: float, end: float, ctx: contextvars.Context | None, owner: An
         if rec.closing:  # requests that ended inside this step: their part of it
             closing, rec.closing = rec.closing, []
             for done, at in closing:
-                _step(done, ready, start, at)
+                _step(rec, done, ready, start, at)
         ledger = ctx.get(_ledger) if ctx is not None else None
-        if ledger is None:
+        if ledger is None or not ledger.open:
             return
         last = ledger.last_end
         if ready is None or ready >= start:
             ready = start  # not seen scheduled, or not waiting
         elif ready < last:
             ready = last if last < start else start  # not ready before its last step ended
-        ledger.steps.extend((ready, start, end))
+        rec.flat.extend((ledger, ready, start, end))
         if end > last:
             ledger.last_end = end
     except Exception as exc:
@@ -191,13 +199,14 @@ def observe(start: float, end: float, ctx: contextvars.Context | None, owner: An
         patching.hook_failed(OWNER, "asyncio", "the loop steps of a request", exc)
 
 
-def _step(ledger: Ledger, ready: float | None, start: float, end: float) -> None:
+def _step(rec: Recorder, ledger: Ledger, ready: float | None, start: float, end: float
+          ) -> None:
     last = ledger.last_end
     if ready is None or ready >= start:
         ready = start
     elif ready < last:
         ready = last if last < start else start
-    ledger.steps.extend((ready, start, end))
+    rec.flat.extend((ledger, ready, start, end))
     if end > last:
         ledger.last_end = end
 
@@ -218,6 +227,10 @@ class Recorder:
         self.in_use: list[tuple[float, str, int]] = []  # (time, counter, +1/-1)
         self.cursors: dict[int, float] = {}  # id(cursor) -> query start
         self.closing: list[tuple[Ledger, float]] = []  # requests over in the running step
+        # Every loop step of the burst's requests, flat and in the order they ran:
+        # ledger, ready, start, end, ledger, ... (split among the ledgers on first read)
+        self.flat: list[Any] = []
+        self._split = threading.Lock()
         self.t0 = 0.0
         self._marks_from = 0
 
@@ -371,6 +384,18 @@ class Recorder:
             })
         return out
 
+    def split(self) -> None:
+        """Hand each ledger its loop steps (once; called by whatever reads the burst
+        first, its request timings or its timeline)."""
+        with self._split:
+            flat, self.flat = self.flat, []
+            for k in range(0, len(flat), 4):
+                ledger = flat[k]
+                steps = ledger.steps
+                if steps is None:
+                    steps = ledger.steps = []
+                steps.extend(flat[k + 1:k + 4])
+
     def timeline(self, ledgers: Iterable[Ledger | None], end: float,
                  marks: list[dict[str, Any]]) -> dict[str, Any]:
         """The burst's timeline: the counters, and ``marks`` (see :meth:`marks`)."""
@@ -380,13 +405,14 @@ class Recorder:
 
     def counters(self, ledgers: Iterable[Ledger | None], end: float) -> dict[str, Any]:
         """Step counters on the burst's time axis: ``[[t_ms, value], ...]`` per name."""
+        self.split()
         t0 = self.t0
         changes = list(self.in_use)
         lags: dict[int, float] = {}  # ms slot -> the longest a request's step waited then
         for ledger in ledgers:
             if ledger is None:
                 continue
-            flat = ledger.steps
+            flat = ledger.steps or ()
             for k in range(0, len(flat), 3):
                 s, e = flat[k], flat[k + 1]  # ready at s, ran at e
                 if end >= e > s:  # loop_wait (in the burst: read after it, a task it
@@ -394,7 +420,7 @@ class Recorder:
                     slot = int((e - t0) * 1000.0)
                     if e - s > lags.get(slot, 0.0):
                         lags[slot] = e - s
-            for rank, s, e in ledger.spans:
+            for rank, s, e in ledger.spans or ():
                 if rank == 2:  # thread
                     changes.append((s, "threads in use", 1))
                     changes.append((e, "threads in use", -1))

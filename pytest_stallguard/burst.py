@@ -133,7 +133,8 @@ async def run(
         if ledger is not None:
             ledger.open = False
     requests = RequestTimings(functools.partial(
-        _timings, specs, issued_at[:], latencies[:], ttfb[:], status_of[:], ledgers, started))
+        _timings, specs, issued_at[:], latencies[:], ttfb[:], status_of[:], ledgers, started,
+        recorder))
     timeline: Mapping[str, Any] = {}
     if recorder is not None:
         # The findings now (a later one is not the burst's); the counters on first read.
@@ -161,8 +162,10 @@ async def run(
 
 def _timings(specs: list[RequestSpec], issued_at: list[float], latencies: list[float],
              ttfb: list[float], status_of: list[int], ledgers: list[audit.Ledger | None],
-             started: float) -> list[RequestTiming]:
+             started: float, recorder: audit.Recorder | None) -> list[RequestTiming]:
     """One RequestTiming per request of a finished burst, each ledger settled."""
+    if recorder is not None:
+        recorder.split()
     k = len(specs)
     requests = []
     for i, ledger in enumerate(ledgers):
