@@ -837,6 +837,57 @@ def test_exact_cpu_time_decides_what_was_waiting(monkeypatch: pytest.MonkeyPatch
     assert 0.0 <= discount.step_cpu_s(st) < 1.0  # type: ignore[operator]
 
 
+def test_the_watchdog_sleeps_until_a_step_may_need_a_sample() -> None:
+    """The watchdog wakes when the running step could first need a sample (half the
+    threshold into it), at most that long when the loop is idle, and every interval
+    while a long step is being sampled: a loop busy with short steps hands it the GIL
+    up to half as often, and a long step is first sampled as soon as before."""
+    watch = LoopWatch(20)  # sample after 10 ms, interval 5 ms
+    st = _state(watch)
+    after, interval, now = watch._sample_after_s, watch.interval_s, 100.0
+    assert watchdog._nap([st], now, interval, after) == pytest.approx(after)  # idle
+    st.start = now - 0.001  # a step 1 ms old: wake when it is 10 ms old
+    assert watchdog._nap([st], now, interval, after) == pytest.approx(0.009)
+    st.start = now - 0.008  # 8 ms old: not sooner than the interval
+    assert watchdog._nap([st], now, interval, after) == pytest.approx(interval)
+    st.start = now - 0.030  # a long step being sampled: every interval
+    assert watchdog._nap([st], now, interval, after) == pytest.approx(interval)
+    other = _state(watch)
+    other.start, st.start = now - 0.004, now - 0.001  # two loops: the older step decides
+    assert watchdog._nap([st, other], now, interval, after) == pytest.approx(0.006)
+    st.start = other.start = 0.0
+
+
+def test_a_busy_loop_reads_its_own_run_queue_between_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the loop runs steps, the loop thread itself takes the readings (at the end
+    of a step, at most every half threshold): baselines from between two steps, with no
+    GIL hand-over to the watchdog."""
+    watch = LoopWatch(20)
+    st = _state(watch)
+    st.rq_fd = 1_000_000  # faked: schedstat is patched
+    readings = iter(range(1, 100))
+    monkeypatch.setattr(discount, "schedstat", lambda fd: (0, next(readings)))
+    clock = [100.0]
+    monkeypatch.setattr(discount, "_now", lambda: clock[0])
+    seen = []
+    for _ in range(30):  # 30 short steps, 1 ms apart
+        clock[0] += 0.001
+        if clock[0] > st.rq_due:  # as steps._end asks
+            discount.read_between_steps(st, clock[0])
+        seen.append(len(st.rq_hist))
+    # One reading every 10 ms (the first at once), each taken between steps.
+    assert seen[-1] == 3
+    assert all(inside == 0.0 for _, _, inside in st.rq_hist)
+    # And through the step hook: a step that ends when a reading is due takes one.
+    due_before = len(st.rq_hist)
+    st.rq_due = 0.0
+    start = steps._begin(st, None)
+    steps._end(st, start, None, None)
+    assert len(st.rq_hist) == due_before + 1 and st.rq_due > start
+
+
 def test_run_queue_history_keeps_the_reading_before_a_long_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -4,14 +4,16 @@
   :mod:`..patching`) logs every collection; a step's GC time is subtracted.
 * Preemption: time the loop thread spent runnable but not running (other processes had
   the CPU: CPU burners, a busy CI machine), from ``/proc/self/task/<tid>/schedstat`` on
-  Linux. The watchdog reads it at every wake (after sampling, and not while a long step
-  is being sampled) and keeps a few timestamped readings (at most one per running step);
-  the end of a long step reads it again and subtracts the wait since the last reading
-  taken *before the step started* (a reading from partway through the step would leave
-  the wait before it counted as the app's). Wait that may have fallen in the gap between
-  that reading and the step start (at most one poll interval, threshold/4) is counted
-  half: the estimate of the app's time is off by at most threshold/8 either way, and only
-  when the loop was preempted. Nothing reads ``/proc`` on the per-step path. While the
+  Linux. It is read between steps: by the loop thread itself at the end of a step, at
+  most once every half threshold while the loop is busy (one ``pread``, no GIL hand-over
+  to the watchdog), and by the watchdog at its wakes while the loop is idle; a few
+  timestamped readings are kept. The end of a long step reads it again and subtracts the
+  wait since the last reading taken *before the step started* (a reading from partway
+  through the step would leave the wait before it counted as the app's). Wait that may
+  have fallen in the gap between that reading and the step start is counted half: the
+  estimate of the app's time is off by at most half that gap either way, and only when the
+  loop was preempted (a busy loop read its own reading within a step of the start; an idle
+  one was read at the watchdog's last wake). While the
   watchdog sees the loop thread wait for a CPU, each step reads the thread's CPU time at
   its start (a syscall, only then): a long step then knows exactly how long it was off the
   CPU, and the whole wait since the last reading counts, capped by that (a wait that began
@@ -190,9 +192,11 @@ COLD_WINDOW_S = 0.1
 COLD_ALLOWANCE_S = 0.04
 
 
-def cold(st: LoopState, start: float, interval: float) -> bool:
-    """Whether the step that started at ``start`` ran right after a long idle."""
-    return 0.0 <= start - st.idle_seen <= COLD_WINDOW_S + interval
+def cold(st: LoopState, start: float, nap: float) -> bool:
+    """Whether the step that started at ``start`` ran right after a long idle (``nap``:
+    the watchdog's longest sleep, by which its last look at the idle loop can precede
+    the step)."""
+    return 0.0 <= start - st.idle_seen <= COLD_WINDOW_S + nap
 
 
 # Run-queue wait between two readings that turns on the steps' CPU readings, and for how
@@ -202,7 +206,8 @@ PRECISE_FOR_S = 2.0
 
 
 def read_run_queue(st: LoopState) -> None:
-    """Watchdog: append a timestamped run-queue reading of the loop thread to its history.
+    """Append a timestamped run-queue reading of the loop thread to its history (the
+    watchdog while the loop is idle, the loop thread itself between steps).
 
     A reading taken wholly inside a step that is still running replaces the previous one
     taken inside that same step, so a long step never pushes the reading from before its
@@ -226,6 +231,17 @@ def read_run_queue(st: LoopState) -> None:
                 hist[-1] = (after, value, inside)
             else:
                 hist.append((after, value, inside))
+
+
+def read_between_steps(st: LoopState, end: float) -> None:
+    """Loop thread, at the end of a step that ended at ``end``, at most once every
+    ``sample_after`` (half the threshold): the reading that will be the baseline of the
+    next steps, taken where it is exact (between two steps) and without the GIL changing
+    hands (the watchdog takes its readings only while the loop is idle). The file is read
+    without blocking; never raises."""
+    st.rq_due = end + st.watch._sample_after_s
+    if st.rq_fd >= 0:
+        read_run_queue(st)
 
 
 def preempted_s(st: LoopState, start: float, duration: float, whole: bool = False) -> float:

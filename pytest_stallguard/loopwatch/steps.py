@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import patching
 from ..clock import real
+from . import discount
 
 if TYPE_CHECKING:
     from .watch import LoopWatch
@@ -64,6 +65,7 @@ class LoopState:
         "pending",
         "precise",
         "precise_until",
+        "rq_due",
         "rq_fd",
         "rq_hist",
         "sample_seq",
@@ -84,6 +86,9 @@ class LoopState:
         self.thread = threading.get_ident()
         self.native_id = threading.get_native_id()
         self.rq_fd = -2  # /proc schedstat of the loop thread: -2 not opened yet, -1 none
+        # When the loop thread next reads it itself, at the end of a step (while it is busy:
+        # the watchdog reads it only while no step runs; see discount.read_between_steps)
+        self.rq_due = 0.0
         # (real.perf_counter after the read, run-queue wait in ns, start of the step it was
         # read wholly inside or 0.0), appended by the watchdog at every wake
         self.rq_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
@@ -154,7 +159,9 @@ def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: An
     if st.pending:
         st.watch._repeat(st, start, end, ctx, owner)
     if st.active and end - start > st.watch._threshold_s:
-        st.watch._judge(st, start, end, ctx, owner)
+        st.watch._judge(st, start, end, ctx, owner)  # (it takes a schedstat reading)
+    elif end > st.rq_due:
+        discount.read_between_steps(st, end)
 
 
 def _context_for(context: contextvars.Context | None) -> contextvars.Context:

@@ -263,7 +263,7 @@ class LoopWatch:
             "duration_ms": duration * 1000.0,
             "call": "step",
         }
-        key = _step_key(ctx, owner) if discount.cold(st, start, self.interval_s) else None
+        key = _step_key(ctx, owner) if discount.cold(st, start, self._sample_after_s) else None
         if key is not None and (key in st.pending or len(st.pending) < MAX_PENDING):
             # Right after a long idle: possibly cold memory, not the app's doing. Held
             # until a later step of the same request and code runs (see _repeat).
@@ -304,7 +304,7 @@ class LoopWatch:
             dropped = g.release(key)
             self.stalls -= dropped
             self.one_offs += dropped
-        elif not discount.cold(st, start, self.interval_s):
+        elif not discount.cold(st, start, self._sample_after_s):
             del st.pending[key]
             g.settle(key)
 

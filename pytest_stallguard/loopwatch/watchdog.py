@@ -154,6 +154,23 @@ def _running(watch: LoopWatch) -> bool:
     return any(st.start for st in list(watch._mine.values()))
 
 
+def _nap(states: list[LoopState], now: float, interval: float, sample_after: float) -> float:
+    """How long the watchdog sleeps from ``now``: until the running step (the earliest,
+    with several loops) is ``sample_after`` old, when it may first need a sample; a step
+    that starts later cannot need one sooner than ``sample_after`` after its start, so an
+    idle loop gives ``sample_after``. Never less than ``interval`` (the cadence of the
+    samples of a long step), never more than ``sample_after``: a long step is first
+    sampled between ``sample_after`` and ``sample_after + interval`` into it, as with a
+    fixed ``interval``, while a loop busy with short steps wakes the watchdog (which takes
+    the GIL from it) up to half as often."""
+    due = now + sample_after
+    for st in states:
+        start = st.start
+        if start and st.active and start + sample_after < due:
+            due = start + sample_after
+    return min(max(due - now, interval), sample_after)
+
+
 class Watchdog:
     """The sampling thread of one :class:`~.watch.LoopWatch`."""
 
@@ -233,8 +250,10 @@ class Watchdog:
                 rq0 = discount.run_queue_ns(self._rq_fd)  # releases the GIL
                 self._sample_if_late(released)
             asked = real.perf_counter()
-            _log_turn(watch, list(watch._mine.values()), looked, asked)
-            real.sleep(interval)
+            states = list(watch._mine.values())
+            _log_turn(watch, states, looked, asked)
+            nap = _nap(states, asked, interval, sample_after)
+            real.sleep(nap)
             now = watch.turn_since = real.perf_counter()
             states = list(watch._mine.values())
             # Sample first, with the GIL just taken: anything that releases it (reading
@@ -242,14 +261,14 @@ class Watchdog:
             # Woke late: the GIL was held (a C call on the loop, or a pure-Python step past
             # the switch interval): sample at once, the step may be about to end.
             sampled: set[int] = set()
-            late = now - asked - interval > sample_after
-            idle_since = self._sample_due(states, now, late, sampled, asked + interval)
+            late = now - asked - nap > sample_after
+            idle_since = self._sample_due(states, now, late, sampled, asked + nap)
             starved = now - idle_since
             if before is not None and states and starved > 2 * watch._threshold_s:
                 # Neither the loop nor this thread ran for that long: maybe another thread
                 # held the GIL. Checked before reading /proc too: the thread that held the
                 # GIL would run on meanwhile.
-                self._gil_check(starved, now - asked - interval, rq0, before)
+                self._gil_check(starved, now - asked - nap, rq0, before)
             released = real.perf_counter()
             _log_turn(watch, states, now, released)
             for st in states:
@@ -257,10 +276,11 @@ class Watchdog:
                     st.rq_fd = discount.open_schedstat(st.native_id)  # releases the GIL
                     if not st.active and st.rq_fd >= 0:  # detached meanwhile
                         discount.close_schedstat(st)
-                elif st.rq_fd >= 0 and st.active and id(st) not in sampled:
-                    # Not while sampling a long step: taking the GIL back from a busy loop
-                    # thread costs a switch interval (5 ms) before the next sample, and a
-                    # reading from inside the step is no baseline for it anyway.
+                elif st.rq_fd >= 0 and st.active and not st.start:
+                    # Only while the loop runs no step: a busy loop thread takes its own
+                    # readings between steps (steps._end), and taking the GIL back from it
+                    # costs a switch interval (5 ms), here before the next sample and for
+                    # the loop a forced hand-over of the GIL.
                     discount.read_run_queue(st)  # releases the GIL
                 else:
                     continue
