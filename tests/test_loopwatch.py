@@ -845,17 +845,40 @@ def test_the_watchdog_sleeps_until_a_step_may_need_a_sample() -> None:
     watch = LoopWatch(20)  # sample after 10 ms, interval 5 ms
     st = _state(watch)
     after, interval, now = watch._sample_after_s, watch.interval_s, 100.0
-    assert watchdog._nap([st], now, interval, after) == pytest.approx(after)  # idle
+    assert watch.nap_max_s == pytest.approx(after)
+
+    def nap(*states: steps.LoopState) -> float:
+        return watchdog._nap(list(states), now, interval, after, watch.nap_max_s)
+
+    assert nap(st) == pytest.approx(after)  # idle
     st.start = now - 0.001  # a step 1 ms old: wake when it is 10 ms old
-    assert watchdog._nap([st], now, interval, after) == pytest.approx(0.009)
+    assert nap(st) == pytest.approx(0.009)
     st.start = now - 0.008  # 8 ms old: not sooner than the interval
-    assert watchdog._nap([st], now, interval, after) == pytest.approx(interval)
+    assert nap(st) == pytest.approx(interval)
     st.start = now - 0.030  # a long step being sampled: every interval
-    assert watchdog._nap([st], now, interval, after) == pytest.approx(interval)
+    assert nap(st) == pytest.approx(interval)
     other = _state(watch)
     other.start, st.start = now - 0.004, now - 0.001  # two loops: the older step decides
-    assert watchdog._nap([st, other], now, interval, after) == pytest.approx(0.006)
+    assert nap(st, other) == pytest.approx(0.006)
     st.start = other.start = 0.0
+
+
+def test_a_large_threshold_keeps_the_watchdog_s_naps_short() -> None:
+    """At a threshold of seconds the watchdog still wakes at least every two intervals
+    (100 ms): stopping it (each test's end) never waits for a long sleep."""
+    watch = LoopWatch(5000)
+    st = _state(watch)
+    assert watchdog._nap([st], 100.0, watch.interval_s, watch._sample_after_s,
+                         watch.nap_max_s) == pytest.approx(2 * watch.interval_s)
+    watch.start()
+    thread = watch._thread
+    try:
+        real.sleep(0.05)  # asleep in a nap by now
+    finally:
+        watch.stop()
+    # Joined within the stop's own bound (1 s), not left sleeping: with naps of half the
+    # threshold (2.5 s) the join timed out and every test's end left a thread behind.
+    assert thread is not None and not thread.is_alive()
 
 
 def test_a_busy_loop_reads_its_own_run_queue_between_steps(

@@ -68,6 +68,9 @@ class LoopWatch:
         self._threshold_s = self.threshold_ms / 1000.0
         self._sample_after_s = self._threshold_s / 2.0
         self.interval_s = min(max(self._threshold_s / 4.0, 0.001), 0.05)
+        # The watchdog's longest sleep (see watchdog._nap): half the threshold, at most two
+        # intervals (a large threshold must not make stop() wait for a long sleep).
+        self.nap_max_s = min(self._sample_after_s, 2.0 * self.interval_s)
         self.gil = gil  # look for threads starving the loop of the GIL
         self.gc_pauses = 0  # steps over the threshold only because of garbage collection
         self.gc_pause_max_ms = 0.0
@@ -263,7 +266,7 @@ class LoopWatch:
             "duration_ms": duration * 1000.0,
             "call": "step",
         }
-        key = _step_key(ctx, owner) if discount.cold(st, start, self._sample_after_s) else None
+        key = _step_key(ctx, owner) if discount.cold(st, start, self.nap_max_s) else None
         if key is not None and (key in st.pending or len(st.pending) < MAX_PENDING):
             # Right after a long idle: possibly cold memory, not the app's doing. Held
             # until a later step of the same request and code runs (see _repeat).
@@ -304,7 +307,7 @@ class LoopWatch:
             dropped = g.release(key)
             self.stalls -= dropped
             self.one_offs += dropped
-        elif not discount.cold(st, start, self._sample_after_s):
+        elif not discount.cold(st, start, self.nap_max_s):
             del st.pending[key]
             g.settle(key)
 

@@ -154,21 +154,22 @@ def _running(watch: LoopWatch) -> bool:
     return any(st.start for st in list(watch._mine.values()))
 
 
-def _nap(states: list[LoopState], now: float, interval: float, sample_after: float) -> float:
+def _nap(states: list[LoopState], now: float, interval: float, sample_after: float,
+         longest: float) -> float:
     """How long the watchdog sleeps from ``now``: until the running step (the earliest,
     with several loops) is ``sample_after`` old, when it may first need a sample; a step
     that starts later cannot need one sooner than ``sample_after`` after its start, so an
-    idle loop gives ``sample_after``. Never less than ``interval`` (the cadence of the
-    samples of a long step), never more than ``sample_after``: a long step is first
-    sampled between ``sample_after`` and ``sample_after + interval`` into it, as with a
-    fixed ``interval``, while a loop busy with short steps wakes the watchdog (which takes
-    the GIL from it) up to half as often."""
-    due = now + sample_after
+    idle loop gives the ``longest`` nap (``sample_after``, or two intervals for a large
+    threshold). Never less than ``interval`` (the cadence of the samples of a long step):
+    a long step is first sampled between ``sample_after`` and ``sample_after + interval``
+    into it, as with a fixed ``interval``, while a loop busy with short steps wakes the
+    watchdog (which takes the GIL from it) up to half as often."""
+    due = now + longest
     for st in states:
         start = st.start
         if start and st.active and start + sample_after < due:
             due = start + sample_after
-    return min(max(due - now, interval), sample_after)
+    return min(max(due - now, interval), longest)
 
 
 class Watchdog:
@@ -252,7 +253,7 @@ class Watchdog:
             asked = real.perf_counter()
             states = list(watch._mine.values())
             _log_turn(watch, states, looked, asked)
-            nap = _nap(states, asked, interval, sample_after)
+            nap = _nap(states, asked, interval, sample_after, watch.nap_max_s)
             real.sleep(nap)
             now = watch.turn_since = real.perf_counter()
             states = list(watch._mine.values())
