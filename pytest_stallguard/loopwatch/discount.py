@@ -12,8 +12,8 @@
   through the step would leave the wait before it counted as the app's). Wait that may
   have fallen in the gap between that reading and the step start is counted half: the
   estimate of the app's time is off by at most half that gap either way, and only when the
-  loop was preempted (a busy loop read its own reading within a step of the start; an idle
-  one was read at the watchdog's last wake). While the
+  loop was preempted (the gap is at most half the threshold while the loop is busy, at
+  most the watchdog's longest nap after an idle). While the
   watchdog sees the loop thread wait for a CPU, each step reads the thread's CPU time at
   its start (a syscall, only then): a long step then knows exactly how long it was off the
   CPU, and the whole wait since the last reading counts, capped by that (a wait that began

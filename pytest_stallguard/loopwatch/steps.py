@@ -90,7 +90,7 @@ class LoopState:
         # the watchdog reads it only while no step runs; see discount.read_between_steps)
         self.rq_due = 0.0
         # (real.perf_counter after the read, run-queue wait in ns, start of the step it was
-        # read wholly inside or 0.0), appended by the watchdog at every wake
+        # read wholly inside or 0.0), appended at every reading (discount.read_run_queue)
         self.rq_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
         # (start, end) of the watchdog's turns with the GIL that lasted long enough to
         # matter (it was preempted holding it): the loop thread could not run meanwhile

@@ -261,9 +261,8 @@ class Watchdog:
             # /proc) lets the loop thread finish the step, and the request, unsampled.
             # Woke late: the GIL was held (a C call on the loop, or a pure-Python step past
             # the switch interval): sample at once, the step may be about to end.
-            sampled: set[int] = set()
             late = now - asked - nap > sample_after
-            idle_since = self._sample_due(states, now, late, sampled, asked + nap)
+            idle_since = self._sample_due(states, now, late, asked + nap)
             starved = now - idle_since
             if before is not None and states and starved > 2 * watch._threshold_s:
                 # Neither the loop nor this thread ran for that long: maybe another thread
@@ -288,7 +287,7 @@ class Watchdog:
                 # The GIL was released: a step (a C call) may have run meanwhile and we just
                 # got the GIL back at its end: sample again before it can end.
                 back = watch.turn_since = real.perf_counter()
-                self._sample_due(states, back, back - released > sample_after, sampled)
+                self._sample_due(states, back, back - released > sample_after)
                 released = real.perf_counter()
                 _log_turn(watch, states, back, released)
 
@@ -298,14 +297,13 @@ class Watchdog:
         sample it now, as on a late wake."""
         back = real.perf_counter()
         if back - released > self.watch._sample_after_s:
-            self._sample_due(list(self.watch._mine.values()), back, True, set())
+            self._sample_due(list(self.watch._mine.values()), back, True)
 
     def _sample_due(
         self,
         states: list[LoopState],
         now: float,
         late: bool,
-        sampled: set[int],
         idle_since: float = 0.0,
     ) -> float:
         """Sample every running step past half the threshold (any running step if
@@ -317,7 +315,6 @@ class Watchdog:
                 idle_since = now
                 if st.active and (late or now - start > sample_after):
                     sample(st, start, st.seq)
-                    sampled.add(id(st))
             elif st.end and now - st.end > discount.COLD_IDLE_S:
                 # (a loop that never ran a step is not idle: a TestClient's new loop)
                 st.idle_seen = now
