@@ -31,42 +31,26 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import anyio
-from driver import make_app  # the same trivial app as bench/driver.py (bench/ is on sys.path)
+import overhead  # bench/overhead.py: its app and timed bursts (bench/ is on sys.path)
 
 from pytest_stallguard import audit
-from pytest_stallguard.client import running
 from pytest_stallguard.config import Settings
-from pytest_stallguard.guard import Guard
 from pytest_stallguard.loopwatch import watchdog
 from pytest_stallguard.run import GuardRun
 
 PARTS = ("audit", "watchdog", "traps", "leak check")
 CONFIGS = ("off", "on", *(f"on - {part}" for part in PARTS), "step hooks only")
-WARMUP = 100
 
 
 def child(config: str, n: int, bursts: int) -> float:
-    """The fastest of ``bursts`` timed bursts of ``n`` requests, in this process."""
-    app = make_app()
-    off = set(PARTS) if config == "step hooks only" else {config.removeprefix("on - ")}
-
-    async def timed(guard: Guard | None, settings: Settings) -> float:
-        best = float("inf")
-        async with running(app, settings, guard) as client:
-            await client.burst("GET", "/ping", n=WARMUP)
-            for _ in range(bursts):
-                start = time.perf_counter()
-                result = await client.burst("GET", "/ping", n=n)
-                best = min(best, time.perf_counter() - start)
-                if result.statuses.get(200) != n:
-                    raise RuntimeError(f"burst failed: {dict(result.statuses)}")
-        return best
-
+    """The fastest of ``bursts`` timed bursts of ``n`` requests, in this process (the
+    bursts of bench/overhead.py's fixture path)."""
+    overhead.BURSTS = bursts
     if config == "off":
-        return anyio.run(timed, None, Settings(), backend="asyncio")
+        return overhead.run_off(n)
+    off = set(PARTS) if config == "step hooks only" else {config.removeprefix("on - ")}
     audit.enabled = "audit" not in off
     if "watchdog" in off:
         watchdog.Watchdog.start = lambda self: None  # type: ignore[method-assign]
@@ -78,7 +62,7 @@ def child(config: str, n: int, bursts: int) -> float:
 
         async def main() -> float:
             await run.enter_loop()
-            elapsed = await timed(run.guard, settings)
+            elapsed = await overhead.timed_burst(run.guard, n)
             await run.leave_loop()
             return elapsed
 
