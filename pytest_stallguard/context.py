@@ -129,30 +129,52 @@ _WRAPPED = "__stallguard_wrapped__"
 # not seen yet; the loop watch uses it to hook each loop once. Change it only through
 # add_enter_hook / remove_enter_hook, which forget which loops were seen.
 on_enter: list[Callable[[], None]] = []
+# Per hook, a check that it has nothing to do for the code running now, or None. Asking
+# for the running asyncio loop makes a system call (the loop's pid check: getpid), and on a
+# virtual machine that call cost a trivial request more than the whole rest of the label.
+_done: list[Callable[[], bool] | None] = []
 _seen_loop: list[object] = [None]  # the asyncio loop the hooks last ran on
 
 
-def add_enter_hook(hook: Callable[[], None]) -> None:
+def add_enter_hook(hook: Callable[[], None], done: Callable[[], bool] | None = None) -> None:
+    """Run ``hook`` as ASGI calls start on a loop it has not run on; ``done``, when given,
+    is a cheap check (no system call) that it has nothing to do for the running code."""
     on_enter.append(hook)
+    _done.append(done)
     _seen_loop[0] = None
 
 
 def remove_enter_hook(hook: Callable[[], None]) -> None:
     if hook in on_enter:
+        del _done[on_enter.index(hook)]
         on_enter.remove(hook)
     _seen_loop[0] = None
 
 
-def run_enter_hooks() -> None:
-    """Run the hooks unless they already ran on this (asyncio) loop; cheap when they did."""
+def run_enter_hooks() -> bool:
+    """Run the hooks unless they already ran on this (asyncio) loop; cheap when they did.
+    True when they ran now on an asyncio loop they had not seen."""
     if not on_enter:
-        return
+        return False
+    for done in _done:
+        if done is None or not done():
+            break
+    else:
+        return False  # every hook says so itself, without asking for the running loop
     loop = _get_running_loop()
     if loop is not None and loop is _seen_loop[0]:
-        return
+        return False
     for hook in on_enter:
         hook()
     _seen_loop[0] = loop  # None on trio: the hooks run every time (they are cheap there)
+    return loop is not None
+
+
+# Called on the loop thread with True as a request run inline by its caller's task starts
+# (``attributed(..., isolate=True)``) and with False as it ends, inside the running loop
+# step: the loop watch notes where in the step the request's part lies. Listeners must
+# never raise and must be cheap (they run twice a request).
+on_inline: list[Callable[[bool], None]] = []
 
 
 def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
@@ -162,10 +184,16 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
     Wrapping twice is a no-op.
 
     ``isolate=True`` is for clients that run the app inline, in the caller's task
-    (``httpx.ASGITransport``): the call then starts and ends with a scheduling point, so
-    the request runs in loop steps of its own, as it would under a server, instead of
-    sharing one step with the test's code and its other requests (which would add up to
-    a loop stall no request caused).
+    (``httpx.ASGITransport``, ``TestClient``): the request then shares loop steps with the
+    test's code, and with the requests before and after it when the app never yields.
+    Its start and end are told to the :data:`on_inline` listeners (the loop watch notes
+    them in the running step, so neither the test's code nor a run of such requests adds
+    up to a loop stall no request caused), with no extra loop iteration: a scheduling
+    point at each end would double the steps of a trivial request and keep every request
+    of a gathered batch alive at once (three times the garbage collections). Only on a
+    loop the hooks had not seen (``TestClient`` may run each request on a loop of its
+    own) does the call start with a scheduling point, so that the request runs in a step
+    the loop watch times from its beginning.
     """
     if getattr(app, _WRAPPED, False):
         return app
@@ -173,15 +201,18 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
         location.add_app(app)
 
     async def stallguard_attributed(scope: Scope, receive: Receive, send: Send) -> None:
-        if isolate:
-            # Hook this loop first (a TestClient runs each request on a loop of its own):
-            # the request then starts in a step the loop watch times from its beginning.
-            run_enter_hooks()
+        if isolate and run_enter_hooks():
+            # A loop hooked just now (a TestClient runs each request on a loop of its own):
+            # the request starts in a step the loop watch times from its beginning.
             await anyio.lowlevel.checkpoint()
         info = RequestInfo(label_of(scope), threading.get_ident())
         token = _current.set(info)
         last_var.set(info)
-        run_enter_hooks()
+        if isolate:
+            for mark in on_inline:
+                mark(True)
+        else:
+            run_enter_hooks()
         try:
             if scope.get("type") != "http":
                 await app(scope, receive, send)
@@ -197,8 +228,9 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
             await app(scope, receive, watched_send)
         finally:
             _current.reset(token)
-        if isolate:
-            await anyio.lowlevel.checkpoint()
+            if isolate:
+                for mark in on_inline:
+                    mark(False)
 
     setattr(stallguard_attributed, _WRAPPED, True)
     stallguard_attributed.__wrapped__ = app  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from .errors import StallFindings
 from .guard import Guard
 from .leaks import LeakCheck
 from .loopwatch import LoopWatch
+from .loopwatch.steps import mark_here, timing_here
 from .model import DOCS, BurstResult, Finding, PoolStats
 from .pools import PoolWatch, ShrinkPools
 from .upstream import SlowUpstreams
@@ -167,9 +168,12 @@ class _LoopStalls:
 
     def start(self) -> None:
         self.watch.start()
-        context.add_enter_hook(self.watch.attach)
+        context.add_enter_hook(self.watch.attach, timing_here)
+        context.on_inline.append(mark_here)
 
     def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            context.on_inline.remove(mark_here)
         context.remove_enter_hook(self.watch.attach)
         self.watch.stop()
         self.watch.detach_all()

@@ -265,6 +265,54 @@ async def test_the_tests_own_code_is_not_a_finding() -> None:
 
 
 @pytest.mark.anyio
+async def test_an_inline_request_is_blamed_only_for_its_part_of_a_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request run inline by the test's task (``httpx.ASGITransport`` under
+    ``--stall-guard``: ``attributed(..., isolate=True)``) shares its loop step with the
+    test's code, with no scheduling point between them. Unsampled (as when a C call holds
+    the GIL to the end of the step), a step is judged by the context at its end: here the
+    request. Where the request began in the step bounds its part: the test's own work
+    before it is not blamed; the request's own work still is."""
+    monkeypatch.setattr(watchdog, "sample", lambda *args: None)  # never sampled
+    app = make_app()
+
+    @app.get("/then-cpu")
+    async def then_cpu() -> dict[str, Any]:
+        n = burn(2.5 * CLEAN_MS)
+        await anyio.sleep(0.001)  # at: then-cpu
+        return {"n": n}
+
+    transport = httpx.ASGITransport(app=context.attributed(app, isolate=True))
+    watch = LoopWatch(CLEAN_MS)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        await client.get("/nothing")  # warm up (FastAPI's one-time work)
+        await client.get("/then-cpu")
+        with Guard(threshold_ms=CLEAN_MS) as guard:
+            watch.start()
+            watch.attach()
+            context.on_inline.append(steps.mark_here)
+            await anyio.sleep(0)  # steps that start after attach() are timed
+            try:
+                burn(2.5 * CLEAN_MS)  # the test's own code, then the request in one step
+                assert (await client.get("/nothing")).status_code == 200
+                await anyio.sleep(0)
+                clean = list(guard.findings)
+                assert (await client.get("/then-cpu")).status_code == 200
+                await anyio.sleep(0)
+            finally:
+                context.on_inline.remove(steps.mark_here)
+                watch.stop()
+                watch.detach_all()
+    assert clean == []
+    (finding,) = guard.findings
+    assert (finding.kind, finding.request, finding.function) == (
+        "loop-stall", "GET /then-cpu", "then_cpu"
+    )
+    assert finding.line == line_of("then-cpu")  # where it was suspended after the step
+
+
+@pytest.mark.anyio
 async def test_paused_window_is_not_a_finding() -> None:
     app = make_app()
 
@@ -668,6 +716,44 @@ def test_a_request_seen_only_briefly_in_a_long_step_is_not_blamed() -> None:
     assert [f.request for f in judged(0.0, start + 0.200)] == ["GET /short"]
     assert [f.request for f in judged(start + 0.100, start + 0.200)] == ["GET /short"]
     assert [f.request for f in judged(0.0, 0.0)] == ["GET /short"]
+
+
+def test_inline_requests_that_never_yield_do_not_add_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Starlette app answers a sequence of inline requests without ever yielding to the
+    loop (httpx.ASGITransport under --stall-guard): 40 of them, 10 ms each, run in one
+    400 ms step that ends inside the last one (it awaits). No request caused that: the
+    marks bound each request's part, the longest is judged. A request of 30 ms among them
+    is blamed. (Clock driven by the test: the marks read it.)"""
+    watch = LoopWatch(20)
+    start = 100.0
+
+    def judged(durations_ms: list[float]) -> list[Finding]:
+        st = _state(watch)
+        st.start = start
+        times: list[float] = []
+        t = start
+        for ms in durations_ms:  # enter, leave; 0.1 ms of the test's code in between
+            times += [t + 0.0001, t + 0.0001 + ms / 1000.0]
+            t += 0.0001 + ms / 1000.0
+        times.append(t + 0.0001)  # the last request enters, and awaits: the step ends
+        clock = iter(times)
+        monkeypatch.setattr(steps, "real", type("Clock", (), {"perf_counter": clock.__next__}))
+        for _ in durations_ms:
+            steps.mark_inline(st, True)
+            steps.mark_inline(st, False)
+        steps.mark_inline(st, True)
+        monkeypatch.undo()
+        end = t + 0.0002
+        assert end - start > 0.3  # a long step
+        with Guard(threshold_ms=20) as guard:
+            watch._judge(st, start, end, _request_context("GET /awaits"), None)
+        return guard.findings
+
+    assert judged([10.0] * 40) == []
+    (blamed,) = judged([10.0] * 20 + [30.0] + [10.0] * 19)
+    assert blamed.kind == "loop-stall"
 
 
 def test_the_request_part_of_a_preempted_step_is_its_own_time(

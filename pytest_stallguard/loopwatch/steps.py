@@ -8,6 +8,13 @@
   callbacks do not, and in-process ASGI uses none);
 * trio: an instrument with ``before_task_step``/``after_task_step``.
 
+Requests run inline by the test's task (``httpx.ASGITransport``, ``TestClient``) share a
+step with the test's code, and with each other (a Starlette app answers a sequence of
+inline requests without ever yielding to the loop); :func:`mark_inline` notes where in
+the running step each such request began and ended (one ``perf_counter`` per mark, no
+extra loop iteration), so a long step is blamed on a request only for the longest part of
+it a single request ran.
+
 Every hook is installed through :mod:`..patching` with the loop's own
 :class:`~pytest_stallguard.patching.Patches`, so detaching a loop takes exactly its hooks
 off. A step stores its number, live ``contextvars.Context`` and start time in plain
@@ -60,6 +67,11 @@ class LoopState:
         "kind",
         "lock",
         "loop",
+        "mark_hi",
+        "mark_in",
+        "mark_last",
+        "mark_lo",
+        "mark_step",
         "native_id",
         "patches",
         "pending",
@@ -118,6 +130,14 @@ class LoopState:
         self.lock = threading.Lock()
         self.samples: Samples | None = None  # of the step numbered sample_seq
         self.sample_seq = -1
+        # Inline requests in the step that started at mark_step (see mark_inline): when
+        # the one running now began (0.0: none is), the time of the last mark, and the
+        # longest part of the step one of them ran from beginning to end (lo, hi).
+        self.mark_step = 0.0
+        self.mark_in = 0.0
+        self.mark_last = 0.0
+        self.mark_lo = 0.0
+        self.mark_hi = 0.0
 
     def fail(self, what: str, exc: BaseException) -> None:
         """Our bookkeeping failed: stop watching this loop (steps run straight through)
@@ -126,6 +146,31 @@ class LoopState:
         self.start = 0.0
         with contextlib.suppress(Exception):  # nothing of ours may reach the app
             patching.hook_failed(OWNER, self.kind, what, exc)
+
+
+# The state of the loop attached last on each thread (thread ident -> LoopState), for
+# timing_here(): set by hook_* (LoopWatch.attach), dropped by LoopWatch's detach (forget).
+_on_thread: dict[int, LoopState] = {}
+
+
+def timing_here() -> bool:
+    """Whether the code running now runs inside a step that a loop watch times, so its
+    loop is attached already. Cheap: no system call (asking for the running asyncio loop
+    makes one). Only one loop can run on a thread at a time, and a loop's step is timed
+    (its ``start`` set) only by the hooks of that loop."""
+    st = _on_thread.get(threading.get_ident())
+    return st is not None and st.active and st.start != 0.0
+
+
+def _track(st: LoopState) -> None:
+    """Note ``st`` as its thread's attached loop (until :func:`forget`)."""
+    _on_thread[st.thread] = st
+
+
+def forget(st: LoopState) -> None:
+    """``st``'s hooks are off: it is no longer its thread's attached loop."""
+    if _on_thread.get(st.thread) is st:
+        del _on_thread[st.thread]
 
 
 # -- the bookkeeping of one step (module functions: a test makes them fail on purpose) -----
@@ -164,6 +209,53 @@ def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: An
         discount.read_between_steps(st, end)
 
 
+def mark_inline(st: LoopState, entering: bool) -> None:
+    """Loop thread, inside a step: an inline request begins (``entering``) or ends now.
+
+    Kept per step without a reset per step: the marks belong to the step that started at
+    ``mark_step``, and are ignored for any other. Never raises."""
+    start = st.start
+    if not start or not st.active:
+        return
+    try:
+        now = real.perf_counter()
+        if st.mark_step != start:  # the first mark of this step
+            st.mark_step = start
+            st.mark_in = start  # if it is an end: the step began inside that request
+            st.mark_lo = st.mark_hi = 0.0
+        elif not st.mark_in:  # an end with none running (nested calls): since the last mark
+            st.mark_in = st.mark_last
+        if entering:
+            st.mark_in = now
+        else:
+            if now - st.mark_in > st.mark_hi - st.mark_lo:
+                st.mark_lo, st.mark_hi = st.mark_in, now
+            st.mark_in = 0.0
+        st.mark_last = now
+    except Exception as exc:
+        st.fail(WHAT, exc)
+
+
+def mark_here(entering: bool) -> None:
+    """:func:`mark_inline` for the step running on this thread, if a loop watch times it
+    (a :data:`context.on_inline` listener: found without asking for the running loop,
+    which makes a system call). Never raises."""
+    st = _on_thread.get(threading.get_ident())
+    if st is not None:
+        mark_inline(st, entering)
+
+
+def inline_bounds(st: LoopState, start: float, end: float) -> tuple[float, float]:
+    """The longest part of the step from ``start`` to ``end`` that one inline request ran
+    in: all of the step unless :func:`mark_inline` saw a request begin or end inside it."""
+    if st.mark_step != start:
+        return start, end
+    lo, hi = st.mark_lo, st.mark_hi
+    if st.mark_in and end - st.mark_in > hi - lo:  # one still running at the end
+        lo, hi = st.mark_in, end
+    return lo, hi
+
+
 def _context_for(context: contextvars.Context | None) -> contextvars.Context:
     # Made here (as uvloop would) so the step knows the live Context it runs in: the
     # watchdog reads the request from it while the step runs.
@@ -198,6 +290,7 @@ def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
         return functools.wraps(link.next)(_run)
 
     st.patches.wrap(asyncio.events.Handle, "_run", make)
+    _track(st)
 
 
 # -- uvloop ----------------------------------------------------------------------------------
@@ -261,6 +354,7 @@ def hook_uvloop(st: LoopState, loop: Any) -> None:
             return _uvloop_wrapper(st, link, delayed)
 
         st.patches.wrap(loop, name, make)
+    _track(st)
 
 
 # -- trio ------------------------------------------------------------------------------------
@@ -310,6 +404,7 @@ def hook_trio(st: LoopState) -> None:
 
     lowlevel.add_instrument(instrument)
     st.patches.undo("instrument", remove, target="trio run")
+    _track(st)
 
 
 _trio_context: Any = None

@@ -7,6 +7,9 @@ trapped calls). A long step is judged at its end, on the loop thread:
 * blamed only when, after the discounts, it is still over the threshold, it ran for a
   request (not the test's own code, not in a ``Guard.paused()`` window) and a guard is
   armed;
+* a step in which a request run inline by the test's task began or ended (noted by
+  :func:`.steps.mark_inline`, no extra loop iteration) counts only the longest part one
+  such request ran, less the GC and trapped calls in it;
 * a step that was sampled is blamed only if a sample saw it running for a request, at the
   deepest user line seen, and the samples outside any request before and after it leave
   the request's part of the step longer than the threshold;
@@ -143,6 +146,7 @@ class LoopWatch:
             if st is not None:
                 st.active = False
                 st.patches.restore()
+                steps.forget(st)
             patching.hook_failed(steps.OWNER, kind, steps.WHAT, exc)
             return
         for closed in [lp for lp in self._mine if _is_closed(lp)]:
@@ -154,6 +158,7 @@ class LoopWatch:
             return
         st.active = False
         st.patches.restore()
+        steps.forget(st)
         discount.close_schedstat(st)
 
     def detach_all(self) -> None:
@@ -207,6 +212,16 @@ class LoopWatch:
         gil_s = self._gil_in_step(st, start, duration, blocked_s + preempted_s, g)
         if gil_s and duration - gil_s - gc_s - blocked_s - preempted_s <= self._threshold_s:
             return  # the step's own work was short: the GIL finding says it all
+        lo, hi = steps.inline_bounds(st, start, end)
+        if (lo, hi) != (start, end):
+            # A request run inline by the test's task began or ended inside the step: only
+            # the longest part one such request ran counts (the test's code and the other
+            # requests around it are not its doing), less the GC and trapped calls in it,
+            # and less all of the step's preemption (it is not known in which part of the
+            # step the loop thread waited for a CPU: a false stall is the worse mistake).
+            part = hi - lo - self._gc.seconds(lo, hi) - discount.blocked_s(st, lo, hi)
+            if part - preempted_s <= self._threshold_s:
+                return
         loc: Location | None = None
         request: str | None = None
         note = ""
