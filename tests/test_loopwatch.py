@@ -949,6 +949,36 @@ def test_the_watchdog_sleeps_until_a_step_may_need_a_sample() -> None:
     st.start = other.start = 0.0
 
 
+def test_a_late_wake_leaves_a_young_step_to_its_regular_sample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Woken late (the GIL was held past half the threshold), the watchdog samples the
+    running step at once, unless that step has only just started: it did not hold the
+    GIL, and at this threshold its first regular sample (10 ms in, plus a forced switch of
+    the GIL, 5 ms) still comes before the threshold. At a threshold that leaves no room
+    for that (10 ms), every running step is sampled, as before."""
+    taken: list[float] = []
+    monkeypatch.setattr(watchdog, "sample", lambda st, start, seq: taken.append(start))
+    now = 100.0
+    for threshold_ms, young_sampled in ((20, False), (10, True)):
+        watch = LoopWatch(threshold_ms)
+        dog = watchdog.Watchdog(watch)
+        st = _state(watch)
+        taken.clear()
+        st.start = now - 0.0002  # 0.2 ms old: a step that began as the GIL came back
+        dog._sample_due([st], now, late=True)
+        assert taken == ([st.start] if young_sampled else []), threshold_ms
+        st.start = now - 0.004  # 4 ms old: it may have held the GIL
+        dog._sample_due([st], now, late=True)
+        assert taken[-1:] == [st.start]
+        taken.clear()
+        dog._sample_due([st], now, late=False)  # on time: only past half the threshold
+        assert taken == []
+        st.start = 0.0
+    assert LoopWatch(20).young_s > 0.0
+    assert LoopWatch(10).young_s == 0.0
+
+
 def test_a_large_threshold_keeps_the_watchdog_s_naps_short() -> None:
     """At a threshold of seconds the watchdog still wakes at least every two intervals
     (100 ms): stopping it (each test's end) never waits for a long sleep."""

@@ -74,6 +74,14 @@ class LoopWatch:
         # The watchdog's longest sleep (see watchdog._nap): half the threshold, at most two
         # intervals (a large threshold must not make stop() wait for a long sleep).
         self.nap_max_s = min(self._sample_after_s, 2.0 * self.interval_s)
+        # A late wake (something held the GIL past half the threshold) samples the running
+        # step at once: it may be about to end. A step younger than young_s did not hold
+        # the GIL that long, and when the threshold leaves room for a forced switch of the
+        # GIL after the first regular sample (half the threshold in), that sample still
+        # comes before the threshold: then such a step is left to it (a sample costs the
+        # loop the GIL for its stack walk). At small thresholds every running step is.
+        room = self._threshold_s - self._sample_after_s
+        self.young_s = self.interval_s / 2.0 if room >= 1.5 * sys.getswitchinterval() else 0.0
         self.gil = gil  # look for threads starving the loop of the GIL
         self.gc_pauses = 0  # steps over the threshold only because of garbage collection
         self.gc_pause_max_ms = 0.0

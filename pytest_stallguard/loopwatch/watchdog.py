@@ -306,14 +306,17 @@ class Watchdog:
         late: bool,
         idle_since: float = 0.0,
     ) -> float:
-        """Sample every running step past half the threshold (any running step if
-        ``late``); return when the loops were last seen running (for the GIL check)."""
+        """Sample every running step past half the threshold (if ``late``, any running
+        step but a young one: see LoopWatch.young_s); return when the loops were last seen
+        running (for the GIL check)."""
         sample_after = self.watch._sample_after_s
+        young = self.watch.young_s
         for st in states:
             start = st.start
             if start:
                 idle_since = now
-                if st.active and (late or now - start > sample_after):
+                age = now - start
+                if st.active and (age > sample_after or (late and age >= young)):
                     sample(st, start, st.seq)
             elif st.end and now - st.end > discount.COLD_IDLE_S:
                 # (a loop that never ran a step is not idle: a TestClient's new loop)
