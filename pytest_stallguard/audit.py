@@ -5,10 +5,12 @@ tasks it starts and the worker threads it hands work to inherit it. The sources 
 *spans* (a kind, a start and an end on :data:`clock.real`) into it:
 
 * the loop watch's step hook (:data:`.loopwatch.steps.step_observer`): every loop step run
-  in the request's context is ``loop``; the time from when that step was *scheduled* (the
-  loop's ``_call_soon`` is wrapped for the burst; uvloop: ``call_soon``; trio: the
-  ``task_scheduled`` instrument) to when it ran is ``loop_wait``: ready, while the loop ran
-  other work;
+  in the request's context is ``loop``; the time from when that step was *scheduled* to
+  when it ran is ``loop_wait``: ready, while the loop ran other work. asyncio: what a step
+  appended to the loop's ready queue is found there at the step's end (nothing is
+  wrapped; call_soon itself is not timed: of the n handles a step scheduled, the k-th
+  counts as ready k/n into it); uvloop: ``call_soon`` is wrapped for the burst; trio: the
+  ``task_scheduled`` instrument;
 * the pool watch (:func:`span`, :func:`http_call`): a worker-thread call's wait for a
   token and its run (``thread_wait``, ``thread``), a DB or HTTP pool checkout's wait
   (``pool_wait``), an outbound httpx call (``io``, and its host in ``upstreams``);
@@ -24,9 +26,11 @@ no span covers is
 exactly and none is negative (``other_ms`` is what is left, so it cannot go below zero);
 spans outside the request's own interval are clipped to it.
 
-What ``loop_wait`` does not see: a timer that fired late (its wait counts as ``other``) and
-a socket the selector found ready before its reader callback ran (counted as ``io``); the
-task wake-ups that follow are seen.
+What ``loop_wait`` does not see: a timer that fired late (its wait counts as ``other``), a
+socket the selector found ready before its reader callback ran (counted as ``io``), and on
+asyncio a callback another thread scheduled while no step ran (``call_soon_threadsafe``
+while the loop waited in its selector: it runs at once then); the task wake-ups that
+follow are seen.
 
 Nothing here raises into the app: the hooks run inside ``try`` and a failure notes itself
 (:func:`patching.hook_failed`) and turns the audit off for the rest of the burst.
@@ -39,6 +43,7 @@ import contextlib
 import contextvars
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -169,7 +174,8 @@ def end(ledger: Ledger, token: contextvars.Token[Ledger | None]) -> None:
 # -- the loop step hook -------------------------------------------------------------------
 
 
-def observe(start: float, end: float, ctx: contextvars.Context | None, owner: Any) -> None:
+def observe(start: float, end: float, ctx: contextvars.Context | None, owner: Any,
+            queue: deque[Any] | None, scheduled: int) -> None:
     """Called by the loop watch at the end of every step (see steps.step_observer).
 
     The hot path: every loop step while a burst runs, kept flat on purpose (one call), and
@@ -178,7 +184,14 @@ def observe(start: float, end: float, ctx: contextvars.Context | None, owner: An
     if rec is None:
         return
     try:
-        ready = rec.sched.pop(owner if rec.by_handle else id(owner), None)
+        sched = rec.sched
+        if scheduled > 0 and queue is not None:
+            # asyncio: the step's own handles, last in the ready queue; call_soon is not
+            # timed, so the k-th of n counts as ready k/n into the step
+            part = (end - start) / scheduled
+            for k in range(scheduled):
+                sched[queue[k - scheduled]] = start + part * (k + 1)
+        ready = sched.pop(owner if rec.by_handle else id(owner), None)
         if rec.closing:  # requests that ended inside this step: their part of it
             closing, rec.closing = rec.closing, []
             for done, at in closing:
@@ -220,8 +233,8 @@ class Recorder:
 
     def __init__(self) -> None:
         self.patches = patching.Patches(OWNER)
-        # when each step was scheduled: by its asyncio.Handle (asyncio), else by the id of
-        # the callback (uvloop) or trio task (see by_handle)
+        # when each step was ready: by its asyncio.Handle (asyncio, noted by observe()),
+        # else by the id of the callback (uvloop) or trio task (see by_handle)
         self.sched: dict[Any, float] = {}
         self.by_handle = False
         self.in_use: list[tuple[float, str, int]] = []  # (time, counter, +1/-1)
@@ -270,23 +283,13 @@ class Recorder:
             self._hook_trio()
             return
         if isinstance(loop, asyncio.BaseEventLoop):
-            names: Iterable[str] = ("_call_soon",)
-            self.by_handle = True  # the loop watch gives observe() the handle it ran
-        else:  # uvloop: task steps and wake-ups go through these
-            names = ("call_soon", "call_soon_threadsafe")
-        for name in names:
-            private = name == "_call_soon"
+            # Nothing to hook: the loop watch hands observe() each step's handle and what
+            # the step appended to the loop's ready queue.
+            self.by_handle = True
+            return
+        for name in ("call_soon", "call_soon_threadsafe"):  # uvloop: steps and wake-ups
 
-            def make(link: patching.Link, private: bool = private) -> Callable[..., Any]:
-                if private:
-
-                    def _call_soon(callback: Any, args: Any, context: Any) -> Any:
-                        handle = link.next(callback, args, context)
-                        sched[handle] = now()
-                        return handle
-
-                    return _call_soon
-
+            def make(link: patching.Link) -> Callable[..., Any]:
                 def call_soon(callback: Any, *args: Any, context: Any = None) -> Any:
                     handle = link.next(callback, *args, context=context)
                     sched[id(callback)] = now()

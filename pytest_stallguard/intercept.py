@@ -145,17 +145,29 @@ def _wrap_send(
             patching.hook_failed(OWNER, distribution, f"{key[0]}.{key[1]}", exc)
             return transport
 
+    # Every request comes through here: the common case (no guard, or a transport built
+    # after the constructor was wrapped, whose app is labelled already) is decided inline.
+    wrapped = context._WRAPPED
+
     if is_async:
 
         @functools.wraps(link.next)
         async def handle_async_request(self: Any, request: Any) -> Any:
-            return await link.next(label(self), request)
+            try:
+                as_is = guard._active is None or getattr(self.app, wrapped, False) is True
+            except Exception:  # label() decides, and notes the failure
+                as_is = False
+            return await link.next(self if as_is else label(self), request)
 
         return handle_async_request
 
     @functools.wraps(link.next)
     def handle_request(self: Any, request: Any) -> Any:
-        return link.next(label(self), request)
+        try:
+            as_is = guard._active is None or getattr(self.app, wrapped, False) is True
+        except Exception:  # label() decides, and notes the failure
+            as_is = False
+        return link.next(self if as_is else label(self), request)
 
     return handle_request
 

@@ -77,6 +77,8 @@ class LoopState:
         "pending",
         "precise",
         "precise_until",
+        "queue",
+        "queued",
         "rq_due",
         "rq_fd",
         "rq_hist",
@@ -122,6 +124,10 @@ class LoopState:
         # its task) -> (the guard holding the finding, the step's end); each later step
         # is compared with them.
         self.pending: dict[object, tuple[Any, float]] = {}
+        # asyncio: the loop's ready queue (a deque, appended to by call_soon), and its
+        # length when the running step started: what the step scheduled is at its end.
+        self.queue: deque[Any] | None = None
+        self.queued = 0
         self.active = True
         self.start = 0.0  # real.perf_counter at the start of the running step, 0.0 idle
         self.ctx: contextvars.Context | None = None  # the running step's live Context
@@ -188,19 +194,25 @@ def _begin(st: LoopState, ctx: contextvars.Context | None) -> float:
 
 
 # -- per-step observer (request audit, issue 10): called at the end of every timed step
-# with (start, end, ctx, owner); owner is the ``asyncio.Handle`` run (asyncio: the handle
-# itself, not its callback, so that an observer can key by it without ``id()``, which
-# raises an audit event), the callback run (uvloop) or the trio task. Set by
-# audit.Recorder while a burst is audited, None otherwise. Its failures are ours: they
-# turn this loop's watch off like any other bookkeeping failure.
-step_observer: Callable[[float, float, contextvars.Context | None, Any], None] | None = None
+# with (start, end, ctx, owner, queue, scheduled); owner is the ``asyncio.Handle`` run
+# (asyncio: the handle itself, not its callback, so that an observer can key by it without
+# ``id()``, which raises an audit event), the callback run (uvloop) or the trio task;
+# ``queue`` is the asyncio loop's ready queue and ``scheduled`` how many handles the step
+# appended to it (they are its last ones), None and 0 elsewhere. Set by audit.Recorder
+# while a burst is audited, None otherwise. Its failures are ours: they turn this loop's
+# watch off like any other bookkeeping failure.
+step_observer: Callable[
+    [float, float, contextvars.Context | None, Any, deque[Any] | None, int], None
+] | None = None
 
 
 def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: Any) -> None:
     end = st.end = real.perf_counter()
     st.start = 0.0
     if step_observer is not None:
-        step_observer(start, end, ctx, owner)
+        queue = st.queue
+        step_observer(start, end, ctx, owner, queue,
+                      len(queue) - st.queued if queue is not None else 0)
     if st.pending:
         st.watch._repeat(st, start, end, ctx, owner)
     if st.active and end - start > st.watch._threshold_s:
@@ -241,7 +253,7 @@ def mark_here(entering: bool) -> None:
     (a :data:`context.on_inline` listener: found without asking for the running loop,
     which makes a system call). Never raises."""
     st = _on_thread.get(threading.get_ident())
-    if st is not None:
+    if st is not None and st.start:
         mark_inline(st, entering)
 
 
@@ -268,6 +280,9 @@ def _context_for(context: contextvars.Context | None) -> contextvars.Context:
 def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
     """Time the handles of ``loop``: one layer on ``Handle._run``."""
 
+    queue = getattr(loop, "_ready", None)  # BaseEventLoop's ready queue
+    st.queue = queue if isinstance(queue, deque) else None
+
     def make(link: patching.Link) -> Callable[[asyncio.Handle], None]:
         def _run(self: asyncio.Handle) -> None:
             if self._loop is not loop or not st.active:  # type: ignore[attr-defined]
@@ -275,6 +290,8 @@ def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
             try:
                 ctx = self._context  # type: ignore[attr-defined]
                 start = _begin(st, ctx)
+                if queue is not None:
+                    st.queued = len(queue)
             except Exception as exc:
                 st.fail(WHAT, exc)
                 return link.next(self)  # type: ignore[no-any-return]
