@@ -718,6 +718,30 @@ def test_a_request_seen_only_briefly_in_a_long_step_is_not_blamed() -> None:
     assert [f.request for f in judged(0.0, 0.0)] == ["GET /short"]
 
 
+def test_the_thread_s_attached_loop_follows_the_loop_running_on_it() -> None:
+    """The loop watch answers "is this step timed?" (and routes an inline request's marks)
+    from a per-thread table instead of asking for the running loop (a system call). Two
+    loops attached on one thread, run in turn: the table follows the one running."""
+    watch = LoopWatch(20)
+    loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+    seen: list[bool] = []
+
+    async def probe() -> None:
+        watch.attach()
+        await asyncio.sleep(0)  # a step the hooks time
+        seen.append(steps.timing_here())
+
+    try:
+        for loop in (*loops, loops[0]):
+            loop.run_until_complete(probe())
+    finally:
+        watch.detach_all()
+        for loop in loops:
+            loop.close()
+    assert seen == [True, True, True]
+    assert not steps.timing_here()  # no step runs now
+
+
 def test_inline_requests_that_never_yield_do_not_add_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -155,7 +155,8 @@ class LoopState:
 
 
 # The state of the loop attached last on each thread (thread ident -> LoopState), for
-# timing_here(): set by hook_* (LoopWatch.attach), dropped by LoopWatch's detach (forget).
+# timing_here() and mark_here(): set by hook_* and LoopWatch.attach, dropped by LoopWatch's
+# detach (forget).
 _on_thread: dict[int, LoopState] = {}
 
 
@@ -168,7 +169,7 @@ def timing_here() -> bool:
     return st is not None and st.active and st.start != 0.0
 
 
-def _track(st: LoopState) -> None:
+def track(st: LoopState) -> None:
     """Note ``st`` as its thread's attached loop (until :func:`forget`)."""
     _on_thread[st.thread] = st
 
@@ -307,7 +308,7 @@ def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
         return functools.wraps(link.next)(_run)
 
     st.patches.wrap(asyncio.events.Handle, "_run", make)
-    _track(st)
+    track(st)
 
 
 # -- uvloop ----------------------------------------------------------------------------------
@@ -371,7 +372,7 @@ def hook_uvloop(st: LoopState, loop: Any) -> None:
             return _uvloop_wrapper(st, link, delayed)
 
         st.patches.wrap(loop, name, make)
-    _track(st)
+    track(st)
 
 
 # -- trio ------------------------------------------------------------------------------------
@@ -421,7 +422,7 @@ def hook_trio(st: LoopState) -> None:
 
     lowlevel.add_instrument(instrument)
     st.patches.undo("instrument", remove, target="trio run")
-    _track(st)
+    track(st)
 
 
 _trio_context: Any = None

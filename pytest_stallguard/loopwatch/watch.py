@@ -126,7 +126,11 @@ class LoopWatch:
         Never raises: a loop that cannot be hooked is noted once and left unwatched."""
         loop = asyncio.events._get_running_loop()
         key = loop if loop is not None else steps.trio_runner()
-        if key is None or key in self._mine or key in self._failed:
+        if key is None or key in self._failed:
+            return
+        known = self._mine.get(key)
+        if known is not None:  # (another loop of this thread was attached after it)
+            steps.track(known)
             return
         kind = "trio" if loop is None else "asyncio"
         if loop is not None and not isinstance(loop, asyncio.BaseEventLoop):
