@@ -126,28 +126,27 @@ def label_of(scope: Scope) -> str:
 _WRAPPED = "__stallguard_wrapped__"
 
 # Called (without arguments) on the loop thread as an ASGI call starts on a loop they have
-# not seen yet; the loop watch uses it to hook each loop once. Change it only through
-# add_enter_hook / remove_enter_hook, which forget which loops were seen.
-on_enter: list[Callable[[], None]] = []
-# Per hook, a check that it has nothing to do for the code running now, or None. Asking
-# for the running asyncio loop makes a system call (the loop's pid check: getpid), and on a
-# virtual machine that call cost a trivial request more than the whole rest of the label.
-_done: list[Callable[[], bool] | None] = []
+# not seen yet; the loop watch uses it to hook each loop once. Each hook comes with a check
+# that it has nothing to do for the code running now, or None: asking for the running
+# asyncio loop makes a system call (the loop's pid check: getpid), and on a virtual
+# machine that call cost a trivial request more than the whole rest of the label. Change
+# it only through add_enter_hook / remove_enter_hook, which forget which loops were seen.
+on_enter: list[tuple[Callable[[], None], Callable[[], bool] | None]] = []
 _seen_loop: list[object] = [None]  # the asyncio loop the hooks last ran on
 
 
 def add_enter_hook(hook: Callable[[], None], done: Callable[[], bool] | None = None) -> None:
     """Run ``hook`` as ASGI calls start on a loop it has not run on; ``done``, when given,
     is a cheap check (no system call) that it has nothing to do for the running code."""
-    on_enter.append(hook)
-    _done.append(done)
+    on_enter.append((hook, done))
     _seen_loop[0] = None
 
 
 def remove_enter_hook(hook: Callable[[], None]) -> None:
-    if hook in on_enter:
-        del _done[on_enter.index(hook)]
-        on_enter.remove(hook)
+    for k, (known, _) in enumerate(on_enter):
+        if known == hook:  # (a bound method is a new object at each access)
+            del on_enter[k]
+            break
     _seen_loop[0] = None
 
 
@@ -156,7 +155,7 @@ def run_enter_hooks() -> bool:
     True when they ran now on an asyncio loop they had not seen."""
     if not on_enter:
         return False
-    for done in _done:
+    for _, done in on_enter:
         if done is None or not done():
             break
     else:
@@ -164,7 +163,7 @@ def run_enter_hooks() -> bool:
     loop = _get_running_loop()
     if loop is not None and loop is _seen_loop[0]:
         return False
-    for hook in on_enter:
+    for hook, _ in on_enter:
         hook()
     _seen_loop[0] = loop  # None on trio: the hooks run every time (they are cheap there)
     return loop is not None

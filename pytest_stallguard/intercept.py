@@ -135,8 +135,8 @@ def _labelled_transport(transport: Any) -> Any:
 def _wrap_send(
     link: patching.Link, key: tuple[str, str], distribution: str, is_async: bool
 ) -> Callable[..., Any]:
-    def label(transport: Any) -> Any:
-        if guard._active is None or key in _off:
+    def label(transport: Any) -> Any:  # (a guard is active: see the wrappers below)
+        if key in _off:
             return transport
         try:
             return _labelled_transport(transport)

@@ -18,8 +18,9 @@ it a single request ran.
 Every hook is installed through :mod:`..patching` with the loop's own
 :class:`~pytest_stallguard.patching.Patches`, so detaching a loop takes exactly its hooks
 off. A step stores its number, live ``contextvars.Context`` and start time in plain
-attributes of the loop's :class:`LoopState` (read by the watchdog); nothing else happens
-unless the step ran longer than the threshold.
+attributes of the loop's :class:`LoopState` (read by the watchdog), and on asyncio the
+length of the loop's ready queue (for the per-step observer); nothing else happens unless
+the step ran longer than the threshold.
 
 Never raise into the app: when our bookkeeping around a step fails, the step runs (exactly
 once, its exceptions untouched), :func:`patching.hook_failed` notes it, and the loop is no
@@ -254,7 +255,7 @@ def mark_here(entering: bool) -> None:
     (a :data:`context.on_inline` listener: found without asking for the running loop,
     which makes a system call). Never raises."""
     st = _on_thread.get(threading.get_ident())
-    if st is not None and st.start:
+    if st is not None:
         mark_inline(st, entering)
 
 
