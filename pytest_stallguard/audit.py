@@ -82,12 +82,11 @@ class Ledger:
     the recorder's one flat list, and are handed to it (``steps``) when the burst is
     first read (:meth:`Recorder.split`)."""
 
-    __slots__ = ("issued", "last_end", "open", "spans", "steps", "upstreams")
+    __slots__ = ("issued", "open", "spans", "steps", "upstreams")
 
     def __init__(self, issued: float) -> None:
         self.issued = issued
         self.open = True  # False once its burst is over: what it holds is settled as is
-        self.last_end = issued  # end of its last loop step: it was not ready before that
         # The spans the pools, threads and SQLAlchemy noted: (rank, start, end).
         self.spans: list[tuple[int, float, float]] | None = None
         # Its loop steps, flat: ready, start, end, ready, start, end, ... (ready == start
@@ -178,50 +177,34 @@ def observe(start: float, end: float, ctx: contextvars.Context | None, owner: An
             queue: deque[Any] | None, scheduled: int) -> None:
     """Called by the loop watch at the end of every step (see steps.step_observer).
 
-    The hot path: every loop step while a burst runs, kept flat on purpose (one call), and
-    without id() on asyncio (it raises an audit event, for which the traps' hook runs)."""
+    The hot path: every loop step while a burst runs. It only notes floats (the step's
+    ledger, when it was ready, its start and end) in one flat list; the clamping of the
+    ready time is left to :meth:`Recorder.split`, after the burst. No id() on asyncio (it
+    raises an audit event, for which the traps' hook runs)."""
     rec = _recorder
     if rec is None:
         return
     try:
         sched = rec.sched
-        if scheduled > 0 and queue is not None:
-            # asyncio: the step's own handles, last in the ready queue; call_soon is not
-            # timed, so the k-th of n counts as ready k/n into the step
-            part = (end - start) / scheduled
-            for k in range(scheduled):
-                sched[queue[k - scheduled]] = start + part * (k + 1)
-        ready = sched.pop(owner if rec.by_handle else id(owner), None)
+        if scheduled:  # asyncio: the step's own handles, last in the ready queue
+            if scheduled == 1:
+                sched[queue[-1]] = end  # type: ignore[index]
+            else:  # call_soon is not timed: the k-th of n counts as ready k/n into it
+                part = (end - start) / scheduled
+                for k in range(scheduled):
+                    sched[queue[k - scheduled]] = start + part * (k + 1)  # type: ignore[index]
+        ready = sched.pop(owner if rec.by_handle else id(owner), start)
         if rec.closing:  # requests that ended inside this step: their part of it
             closing, rec.closing = rec.closing, []
             for done, at in closing:
-                _step(rec, done, ready, start, at)
-        ledger = ctx.get(_ledger) if ctx is not None else None
-        if ledger is None or not ledger.open:
-            return
-        last = ledger.last_end
-        if ready is None or ready >= start:
-            ready = start  # not seen scheduled, or not waiting
-        elif ready < last:
-            ready = last if last < start else start  # not ready before its last step ended
-        rec.flat.extend((ledger, ready, start, end))
-        if end > last:
-            ledger.last_end = end
+                rec.flat.extend((done, ready, start, at))
+        if ctx is not None:
+            ledger = ctx.get(_ledger)
+            if ledger is not None and ledger.open:
+                rec.flat.extend((ledger, ready, start, end))
     except Exception as exc:
         rec.stop()
         patching.hook_failed(OWNER, "asyncio", "the loop steps of a request", exc)
-
-
-def _step(rec: Recorder, ledger: Ledger, ready: float | None, start: float, end: float
-          ) -> None:
-    last = ledger.last_end
-    if ready is None or ready >= start:
-        ready = start
-    elif ready < last:
-        ready = last if last < start else start
-    rec.flat.extend((ledger, ready, start, end))
-    if end > last:
-        ledger.last_end = end
 
 
 # -- per-burst recording --------------------------------------------------------------------
@@ -389,15 +372,25 @@ class Recorder:
 
     def split(self) -> None:
         """Hand each ledger its loop steps (once; called by whatever reads the burst
-        first, its request timings or its timeline)."""
+        first, its request timings or its timeline). A step was not ready before the
+        request was issued or before its previous step ended: its ready time is clamped
+        to the later of the two (or counts as not waiting, if that is after its start)."""
         with self._split:
             flat, self.flat = self.flat, []
+            last: dict[Ledger, float] = {}  # each ledger's latest step end so far
             for k in range(0, len(flat), 4):
-                ledger = flat[k]
+                ledger, ready, start, end = flat[k:k + 4]
                 steps = ledger.steps
                 if steps is None:
                     steps = ledger.steps = []
-                steps.extend(flat[k + 1:k + 4])
+                before = last.get(ledger, ledger.issued)
+                if ready >= start:
+                    ready = start
+                elif ready < before:
+                    ready = before if before < start else start
+                steps += (ready, start, end)
+                if end > before:
+                    last[ledger] = end
 
     def timeline(self, ledgers: Iterable[Ledger | None], end: float,
                  marks: list[dict[str, Any]]) -> dict[str, Any]:

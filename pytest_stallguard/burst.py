@@ -85,6 +85,9 @@ async def run(
             return
         ledger, token = audit.begin(issued)
         ledgers[i] = ledger
+        if alone:  # the task is this request's own: its context goes with it
+            await one_request(i, issued)
+            return
         try:
             await one_request(i, issued)
         finally:
@@ -114,6 +117,9 @@ async def run(
         statuses[reply.status] += 1
         status_of[i] = reply.status
 
+    # All at once: each request runs in a task of its own (see _fire); else a worker task
+    # runs one request after another, each ended in the step the next one begins in.
+    alone = concurrency is None or concurrency >= n
     recorder = audit.Recorder().start() if audit.wanted() else None
     started = real.perf_counter()
     if recorder is not None:
@@ -193,7 +199,7 @@ def _timings(specs: list[RequestSpec], issued_at: list[float], latencies: list[f
 
 async def _fire(one: Any, n: int, concurrency: int | None, started: float) -> None:
     async with anyio.create_task_group() as tg:
-        if concurrency is None or concurrency >= n:
+        if concurrency is None or concurrency >= n:  # (run() calls this alone)
             # All issued at once: each latency runs from the burst's start, so requests that
             # queued behind a blocked loop are charged for the wait.
             for i in range(n):

@@ -126,8 +126,8 @@ def busy_app() -> FastAPI:
     return app
 
 
-async def _bursts(app: FastAPI, plan: list[tuple[str, int]], threads: int | None = None
-                  ) -> list[BurstResult]:
+async def _bursts(app: FastAPI, plan: list[tuple[str, int]], threads: int | None = None,
+                  concurrency: int | None = None) -> list[BurstResult]:
     """Bursts through the plugin's own machinery, guard armed (as stall_client does)."""
     settings = Settings(threshold_ms=10_000)  # the numbers are the point here, not findings
     out = []
@@ -137,7 +137,7 @@ async def _bursts(app: FastAPI, plan: list[tuple[str, int]], threads: int | None
             run.shrink.threads(threads)
         async with running(app, settings, run.guard) as client:
             for path, n in plan:
-                out.append(await client.burst("GET", path, n=n))
+                out.append(await client.burst("GET", path, n=n, concurrency=concurrency))
         await run.leave_loop()
     return out
 
@@ -163,6 +163,18 @@ async def test_a_request_queued_behind_the_loop_waits_for_it(anyio_backend: Any)
     assert last.breakdown["loop_wait_ms"] > 0.6 * last.latency_ms
     total = hold.breakdown
     assert total is not None and total["loop_ms"] > total["other_ms"]
+
+
+async def test_requests_one_after_another_in_a_task_each_get_their_own_steps() -> None:
+    """``concurrency=1``: one task runs the requests in turn; a request ends inside the
+    loop step the next one begins in (the app never yields), and each gets its part."""
+    (hold,) = await _bursts(busy_app(), [("/hold", 4)], concurrency=1)
+    _adds_up(hold)
+    for r in hold.requests:
+        assert r.breakdown is not None
+        # Its own 30 ms on the loop, not the one before it in the same step, no waiting.
+        assert 0.8 * 30 < r.breakdown["loop_ms"] < 1.6 * 30, r.breakdown
+        assert r.breakdown["loop_wait_ms"] < 0.2 * r.breakdown["loop_ms"], r.breakdown
 
 
 async def test_a_def_endpoint_on_two_threads_waits_for_a_token() -> None:
@@ -517,11 +529,11 @@ async def test_a_failing_audit_never_reaches_the_app(monkeypatch: pytest.MonkeyP
         __slots__ = ()
 
         @property  # type: ignore[override]
-        def last_end(self) -> float:
+        def open(self) -> bool:
             raise RuntimeError("bookkeeping broken on purpose")
 
-        @last_end.setter
-        def last_end(self, value: float) -> None:
+        @open.setter
+        def open(self, value: bool) -> None:
             pass
 
     monkeypatch.setattr(audit, "Ledger", Broken)
