@@ -180,7 +180,7 @@ class LeakCheck:
         library = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
         in_request = context.current_var
 
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        def make_task(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
             if previous is not None:
                 task = previous(loop, coro, **kwargs)
             else:
@@ -194,6 +194,11 @@ class LeakCheck:
             return task
 
         installed = True
+        # Installed as a functools.partial, not a function: anyio reads the loop's task
+        # factory's ``__code__`` at every task it starts (to spot an eager factory), and
+        # reading a function's ``__code__`` raises an audit event, which costs a Python
+        # call of every audit hook in the process (the traps' among them).
+        factory = functools.partial(make_task)
 
         def remove() -> None:
             nonlocal installed
