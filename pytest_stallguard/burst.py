@@ -199,7 +199,7 @@ def _timings(specs: list[RequestSpec], issued_at: list[float], latencies: list[f
 
 async def _fire(one: Any, n: int, concurrency: int | None, started: float) -> None:
     async with anyio.create_task_group() as tg:
-        if concurrency is None or concurrency >= n:  # (run() calls this alone)
+        if concurrency is None or concurrency >= n:  # (run() names this case "alone")
             # All issued at once: each latency runs from the burst's start, so requests that
             # queued behind a blocked loop are charged for the wait.
             for i in range(n):
