@@ -172,9 +172,10 @@ async def test_requests_one_after_another_in_a_task_each_get_their_own_steps() -
     _adds_up(hold)
     for r in hold.requests:
         assert r.breakdown is not None
-        # Its own 30 ms on the loop, not the one before it in the same step, no waiting.
-        assert 0.8 * 30 < r.breakdown["loop_ms"] < 1.6 * 30, r.breakdown
-        assert r.breakdown["loop_wait_ms"] < 0.2 * r.breakdown["loop_ms"], r.breakdown
+        # Its own 30 ms of CPU on the loop (longer in wall time on a loaded machine), and
+        # the bulk of its time: it ran in turn, with no other request to wait for.
+        assert r.breakdown["loop_ms"] > 0.8 * 30, r.breakdown
+        assert r.breakdown["loop_ms"] > 0.5 * r.latency_ms, (r.latency_ms, r.breakdown)
 
 
 async def test_a_def_endpoint_on_two_threads_waits_for_a_token() -> None:
