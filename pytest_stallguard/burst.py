@@ -85,13 +85,11 @@ async def run(
             return
         ledger, token = audit.begin(issued)
         ledgers[i] = ledger
-        if alone:  # the task is this request's own: its context goes with it
-            await one_request(i, issued)
-            return
         try:
             await one_request(i, issued)
         finally:
-            audit.end(ledger, token)
+            if not alone:  # (alone, the task is this request's own: its context goes too)
+                audit.end(ledger, token)
 
     async def one_request(i: int, issued: float) -> None:
         spec = specs[i % k]
@@ -125,7 +123,7 @@ async def run(
     if recorder is not None:
         recorder.t0 = started
     try:
-        await _fire(one, n, concurrency, started)
+        await _fire(one, n, None if alone else concurrency, started)
     finally:
         if recorder is not None:
             recorder.stop()
@@ -199,7 +197,7 @@ def _timings(specs: list[RequestSpec], issued_at: list[float], latencies: list[f
 
 async def _fire(one: Any, n: int, concurrency: int | None, started: float) -> None:
     async with anyio.create_task_group() as tg:
-        if concurrency is None or concurrency >= n:  # (run() names this case "alone")
+        if concurrency is None:  # (run() passes None for concurrency >= n: "alone")
             # All issued at once: each latency runs from the burst's start, so requests that
             # queued behind a blocked loop are charged for the wait.
             for i in range(n):
