@@ -195,7 +195,8 @@ def observe(start: float, end: float, ctx: contextvars.Context | None, owner: An
                     sched[queue[k - scheduled]] = start + part * (k + 1)  # type: ignore[index]
         ready = sched.pop(owner if rec.by_handle else id(owner), start)
         if rec.closing:  # requests that ended inside this step: their part of it
-            closing, rec.closing = rec.closing, []
+            closing = rec.closing[:]
+            rec.closing.clear()  # in place: the C hook holds the list
             for done, at in closing:
                 rec.flat.extend((done, ready, start, at))
         if ctx is not None:
@@ -248,6 +249,8 @@ class Recorder:
                 patching.hook_failed(OWNER, "sqlalchemy", "cursor and pool events", exc)
         _recorder = self
         steps.step_observer = observe
+        if self.by_handle and steps._cstep is not None:
+            steps._cstep.audit_on(self.sched, self.closing, self.flat, _ledger, observe)
         return self
 
     def stop(self) -> None:
@@ -255,6 +258,8 @@ class Recorder:
         if _recorder is self:
             _recorder = None
             steps.step_observer = None
+            if steps._cstep is not None:
+                steps._cstep.audit_off()
         self.patches.restore()
         self.sched.clear()  # handles of steps that never ran (cancelled): let them go
 

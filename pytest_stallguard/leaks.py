@@ -21,7 +21,7 @@ Like tasks and threads, connections are armed by context: only those a request (
 it started) checked out count, never those of the test's own fixtures. They are read
 before leaked tasks are cancelled, since cancelling a task gives its connection back.
 
-The ``Thread.start`` hook and the loop's task factory go through :mod:`.patching`, and
+The ``Thread.start`` hook and the loop's ``create_task`` go through :mod:`.patching`, and
 their bookkeeping never reaches the app (a failure is noted and that hook turns off).
 """
 
@@ -43,6 +43,7 @@ import anyio.to_thread
 from . import context, guard, patching
 from .clock import real
 from .location import _PLUGIN_DIR, Location, is_user_file, relative, user_location
+from .loopwatch import steps
 from .model import DOCS, Finding
 from .pools import PoolWatch
 from .pools.common import CheckedOut, HookGuard
@@ -51,7 +52,7 @@ from .pools.httpx import StuckPool, stuck_connections, stuck_pools
 __all__ = ["LeakCheck", "stuck_connections"]
 
 THREAD_START = "threading.Thread.start"
-TASK_FACTORY = "task factory"
+CREATE_TASK = "loop.create_task"
 
 TASK_HELP = (
     "A task nobody awaits outlives its request: it keeps connections and memory, its "
@@ -175,39 +176,52 @@ class LeakCheck:
         self._httpx.add(client)
 
     def _install_factory(self, loop: asyncio.AbstractEventLoop) -> None:
-        previous = loop.get_task_factory()
+        """Note where each task made for a request is made, in ``loop.create_task``
+        (asyncio.create_task, TaskGroups and anyio all call it): a layer on the loop
+        class's method (tasks of its other loops pass through), or for a loop whose class
+        takes no attributes (uvloop) an instance attribute. Not a task factory: with one
+        set, asyncio (before 3.12) names each task twice, a formatted default and then the
+        name asked for. Not an instance attribute where a class one can go: the loop's
+        own attribute lookups (``self._ready`` ...) lose their fast path."""
         hooks, check = self._hooks, self
         library = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
         in_request = context.current_var
 
-        def make_task(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
-            if previous is not None:
-                task = previous(loop, coro, **kwargs)
-            else:
-                task = asyncio.Task(coro, loop=loop, **kwargs)
+        def note(task: Any, frame: FrameType | None) -> None:
             # Only a task created for a request can be its leak: the test's own tasks and
             # a burst's (made outside any request) cost one context variable read.
-            if installed and in_request.get() is not None and not hooks.disabled(
-                    TASK_FACTORY, loop):
-                hooks.safely(library, TASK_FACTORY, loop, check._note_task, task,
-                             sys._getframe(1))
-            return task
+            if frame is not None and not hooks.disabled(CREATE_TASK, loop):
+                hooks.safely(library, CREATE_TASK, loop, check._note_task, task, frame)
 
-        installed = True
-        # Installed as a functools.partial, not a function: anyio reads the loop's task
-        # factory's ``__code__`` at every task it starts (to spot an eager factory), and
-        # reading a function's ``__code__`` raises an audit event, which costs a Python
-        # call of every audit hook in the process (the traps' among them).
-        factory = functools.partial(make_task)
+        cstep = steps._cstep
+        on_class = isinstance(loop, asyncio.BaseEventLoop)
 
-        def remove() -> None:
-            nonlocal installed
-            installed = False  # inert if someone installed a factory over ours
-            if loop.get_task_factory() is factory:
-                loop.set_task_factory(previous)
+        def make(link: patching.Link) -> Any:
+            if cstep is not None:  # the same in C (loopwatch/_cstep.c): no frame a task
+                return functools.update_wrapper(
+                    cstep.CreateTask(link, in_request, note, loop if on_class else None),
+                    link.next)
+            if on_class:
 
-        loop.set_task_factory(factory)
-        self._patches.undo(TASK_FACTORY, remove, target=f"{library} loop")
+                @functools.wraps(link.next)
+                def create_task_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+                    task = link.next(self, *args, **kwargs)
+                    if self is loop and in_request.get() is not None:
+                        note(task, sys._getframe(1))
+                    return task
+
+                return create_task_method
+
+            @functools.wraps(link.next)
+            def create_task(*args: Any, **kwargs: Any) -> Any:
+                task = link.next(*args, **kwargs)
+                if in_request.get() is not None:
+                    note(task, sys._getframe(1))
+                return task
+
+            return create_task
+
+        self._patches.wrap(type(loop) if on_class else loop, "create_task", make)
 
     def _note_task(self, task: asyncio.Task[Any], frame: FrameType) -> None:
         info = context.current()
@@ -269,7 +283,7 @@ class LeakCheck:
             self._unpatch()
 
     def close(self) -> None:
-        """Undo what ``start`` installed (task factory, thread-start hook); check() does too."""
+        """Undo what ``start`` installed (create_task, thread-start hook); check() does too."""
         self._unpatch()
 
     async def _until(self, done: Callable[[], bool], timeout_s: float) -> None:
@@ -315,7 +329,7 @@ class LeakCheck:
             # Armed by context: only tasks a request started (they inherit its context).
             # Tasks the test or its fixtures started are theirs to manage, and lifespan
             # tasks live as long as the app.
-            # (The task factory saw the context at creation; Task.get_context is 3.12+.)
+            # (create_task saw the context at creation; Task.get_context is 3.12+.)
             if task not in self._created_at:
                 ctx = getattr(task, "get_context", None)
                 info = context.info_of(ctx() if callable(ctx) else None)

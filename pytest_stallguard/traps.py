@@ -158,7 +158,7 @@ def install() -> None:
         try:
             _patch_all()
             if not _hook_added:
-                sys.addaudithook(_audit)
+                _add_audit_hook()
                 _hook_added = True
             _audit_off.clear()
             _armed = True
@@ -166,6 +166,19 @@ def install() -> None:
         except BaseException:
             _patches.restore()
             raise
+
+
+def _add_audit_hook() -> None:
+    """Add :func:`_audit` as an audit hook, for good. Where the C step hook's module is
+    built, through a hook in C that calls it only for the events it looks at: every other
+    audit event of the process (anyio's ``id()`` at each task it starts) then costs a
+    string compare, not a Python call."""
+    from .loopwatch import steps
+
+    if steps._cstep is not None:
+        steps._cstep.add_audit_hook(_audit, tuple(_AUDIT_EVENTS))
+    else:
+        sys.addaudithook(_audit)
 
 
 def _disarm() -> None:

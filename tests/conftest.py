@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from pytest_stallguard import context, location, patching
+from pytest_stallguard.loopwatch import steps
 from pytest_stallguard.upstream import SlowUpstreams
 
 pytest_plugins = ["pytester"]
@@ -21,6 +22,9 @@ pytest_plugins = ["pytester"]
 # written where they are used (asyncio-only libraries, task semantics).
 BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
+    # asyncio timed by the Python step hook, not the C one (loopwatch/_cstep.c): both run
+    # the same tests (where the C hook is not built, this is the same as "asyncio")
+    pytest.param(("asyncio", {}), id="asyncio-python-hook", marks=pytest.mark.python_hook),
     pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
     pytest.param(("trio", {}), id="trio"),
 ]
@@ -114,6 +118,19 @@ def load_json(path: Path) -> dict[str, Any]:
 
 def dedent(text: str) -> str:
     return textwrap.dedent(text)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "python_hook: time asyncio's steps with the Python hook, not the C one"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _step_hook(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The python_hook marker (a backend of BACKENDS): asyncio without the C step hook."""
+    if request.node.get_closest_marker("python_hook") is not None:
+        monkeypatch.setattr(steps, "use_c", False)
 
 
 @pytest.fixture(autouse=True)

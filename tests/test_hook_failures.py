@@ -345,7 +345,7 @@ def spawning_app() -> FastAPI:
 @pytest.mark.parametrize(
     ("path", "helper", "library", "what"),
     [
-        ("/task", "_note_task", "asyncio", "task factory"),
+        ("/task", "_note_task", "asyncio", "loop.create_task"),
         ("/thread", "_note_thread", "python", "threading.Thread.start"),
     ],
 )

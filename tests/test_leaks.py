@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +23,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from pytest_stallguard import context, patching
 from pytest_stallguard.guard import Guard
 from pytest_stallguard.leaks import LeakCheck
+from pytest_stallguard.loopwatch import steps
 from pytest_stallguard.pools import PoolWatch
 from pytest_stallguard.upstream import SlowUpstreams, serve
 
@@ -148,28 +151,89 @@ async def test_check_is_bounded_even_with_a_frozen_clock(monkeypatch: pytest.Mon
 
 
 @ASYNCIO
-async def test_task_factory_is_restored() -> None:
+@pytest.mark.parametrize("hook", ["c", "python"])
+@pytest.mark.parametrize("users", [False, True], ids=["no-factory", "users-factory"])
+async def test_create_task_makes_tasks_as_the_loop_would(
+    hook: str, users: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leak check's ``loop.create_task`` (in C where built, else Python) makes each task
+    as the loop would have, through a task factory the app set, with its name and context;
+    the loop's task factory stays the app's; only a task made for a request is noted, at
+    the line that asked for it."""
+    if hook == "python":
+        monkeypatch.setattr(steps, "_cstep", None)
+    elif steps._cstep is None:
+        pytest.skip("the C module is not built here")
     loop = asyncio.get_running_loop()
-    before = loop.get_task_factory()
-    leaks = LeakCheck().start()
-    assert loop.get_task_factory() is not before
-    await leaks.check(grace_s=0.0)
-    assert loop.get_task_factory() is before
+    made: list[dict[str, Any]] = []
+
+    def users_factory(loop: Any, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        made.append(kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    factory = users_factory if users else None
+    loop.set_task_factory(factory)
+    method = type(loop).create_task
+    other = asyncio.new_event_loop()  # of the same class
+    try:
+        leaks = LeakCheck().start()
+        assert loop.get_task_factory() is factory
+        hooked = type(loop).create_task
+        assert type(hooked).__name__ == ("CreateTask" if hook == "c" else "function")
+        assert hooked.__wrapped__ is method
+        assert inspect.signature(hooked) == inspect.signature(method)
+        assert inspect.signature(loop.create_task) == inspect.signature(
+            method.__get__(loop))  # bound as the method is
+        token = context.enter("GET /other")
+        try:  # a task of another loop of that class, made for a request: not ours to note
+            elsewhere = other.create_task(asyncio.sleep(0))
+        finally:
+            context.leave(token)
+        assert elsewhere not in leaks._created_at
+        elsewhere._log_destroy_pending = False  # never run: its loop is closed below
+        elsewhere.get_coro().close()
+        ctx = contextvars.copy_context()
+        named = asyncio.create_task(asyncio.sleep(0), name="named")
+        in_ctx = asyncio.create_task(asyncio.sleep(0), context=ctx)
+        leaked = spawned_by_a_request(asyncio.sleep(NOTIFY_DELAY))
+        assert named.get_name() == "named"
+        await asyncio.gather(named, in_ctx)
+        [finding] = await leaks.check(grace_s=0.05)
+        assert type(loop).create_task is method  # taken off by the check
+    finally:
+        loop.set_task_factory(None)
+        other.close()
+    assert leaked.cancelled()
+    assert (finding.kind, finding.request) == ("task-leak", "GET /poll")
+    assert finding.line == line_of(spawned_by_a_request, "return asyncio.create_task(coro)")
+    if users:
+        assert made == [{}, {"context": ctx}, {}]
 
 
 @ASYNCIO
-async def test_thread_hook_and_task_factory_are_live_patches_restore_all_removes() -> None:
+async def test_create_task_is_restored() -> None:
     loop = asyncio.get_running_loop()
-    factory, start = loop.get_task_factory(), threading.Thread.start
+    method = type(loop).create_task
+    leaks = LeakCheck().start()
+    assert type(loop).create_task is not method
+    await leaks.check(grace_s=0.0)
+    assert type(loop).create_task is method
+    assert "create_task" not in vars(type(loop))  # inherited again, as before
+
+
+@ASYNCIO
+async def test_thread_hook_and_create_task_are_live_patches_restore_all_removes() -> None:
+    loop = asyncio.get_running_loop()
+    start, method = threading.Thread.start, type(loop).create_task
     leaks = LeakCheck().start()
     live = {(p.owner, p.name) for p in patching.live()}
-    assert {("leak check", "start"), ("leak check", "task factory")} <= live
-    assert (threading.Thread.start, loop.get_task_factory()) != (start, factory)
+    assert {("leak check", "start"), ("leak check", "create_task")} <= live
+    assert (threading.Thread.start, type(loop).create_task) != (start, method)
     patching.restore_all()  # what the plugin does when a run is interrupted
-    assert (threading.Thread.start, loop.get_task_factory()) == (start, factory)
+    assert (threading.Thread.start, type(loop).create_task) == (start, method)
     assert patching.live() == []
     leaks.close()  # idempotent after restore_all
-    assert (threading.Thread.start, loop.get_task_factory()) == (start, factory)
+    assert (threading.Thread.start, type(loop).create_task) == (start, method)
 
 
 # -- worker threads -----------------------------------------------------------------------

@@ -12,7 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import json
+import os
+import platform
+import shutil
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -524,6 +529,64 @@ async def test_attach_is_idempotent_and_detach_restores(anyio_backend: Any) -> N
     if anyio_backend[0] == "asyncio":
         assert "call_soon" not in vars(asyncio.get_running_loop())
     assert ours() == []
+
+
+@pytest.mark.anyio
+async def test_the_step_hook_is_handle_run_to_its_callers(anyio_backend: Any) -> None:
+    """Either hook (C or Python) stands in for ``Handle._run``: same name and signature, the
+    original under ``__wrapped__``, bound like a method, and a handle of another loop runs
+    through it untimed, with its result and its exception untouched."""
+    if backend_name(anyio_backend) != "asyncio":
+        pytest.skip("only asyncio's Handle._run is wrapped")
+    original = asyncio.events.Handle._run
+    signature = inspect.signature(original)
+    watch = LoopWatch(20)
+    watch.attach()
+    try:
+        hooked = asyncio.events.Handle._run
+        assert hooked is not original
+        assert type(hooked).__name__ == (
+            "StepHook" if steps.use_c and steps._cstep is not None else "function")
+        assert hooked.__wrapped__ is original
+        assert (hooked.__name__, hooked.__qualname__) == ("_run", "Handle._run")
+        assert inspect.signature(hooked) == signature
+        (st,) = watch._mine.values()
+        other = asyncio.new_event_loop()
+        try:
+            ran: list[str] = []
+            handle = asyncio.Handle(ran.append, ("other",), other)
+            seq = st.seq
+            assert handle._run() is None  # bound to the handle, as a method
+            assert (ran, st.seq) == (["other"], seq)  # ran once, not timed
+            seen: list[Any] = []
+            other.set_exception_handler(lambda _loop, ctx: seen.append(ctx.get("exception")))
+            error = ValueError("a callback's own")
+
+            def raises() -> None:
+                raise error
+
+            asyncio.events.Handle._run(asyncio.Handle(raises, (), other))
+            assert seen == [error]
+        finally:
+            other.close()
+        await asyncio.sleep(0)  # a step of our loop is timed
+        assert st.seq > seq
+    finally:
+        watch.detach_all()
+    assert asyncio.events.Handle._run is original
+
+
+def test_the_c_hook_is_built_where_it_can_be() -> None:
+    """Installed from this repository on Linux CPython with a C compiler, the C step hook
+    is built and used (else every asyncio test here would test the Python hook twice)."""
+    if not sys.platform.startswith("linux") or platform.python_implementation() != "CPython":
+        pytest.skip("the C hook is built on Linux CPython only")
+    if os.environ.get("STALLGUARD_NO_EXTENSIONS"):
+        pytest.skip("STALLGUARD_NO_EXTENSIONS is set: the Python hook is asked for")
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here: the package installed without its C hook")
+    assert steps._cstep is not None, "pytest_stallguard/loopwatch/_cstep.c was not built"
+    assert steps.use_c
 
 
 @pytest.mark.anyio
@@ -1128,10 +1191,22 @@ async def exercise(anyio_backend: Any) -> list[Any]:
     return out
 
 
+# (which hook, what fails in it): the Python hook's bookkeeping around a step; the C
+# hook's (asyncio) calls back into Python for a long step or a due reading (_after), and
+# runs the step observer, whose failure is its own bookkeeping failing.
+BOOKKEEPING = [
+    ("python", "_begin"),
+    ("python", "_end"),
+    ("python", "_context_for"),
+    ("c", "_after"),
+    ("c", "step_observer"),
+]
+
+
 @pytest.mark.anyio
-@pytest.mark.parametrize("helper", ["_begin", "_end", "_context_for"])
+@pytest.mark.parametrize(("hook", "helper"), BOOKKEEPING, ids=[f"{h}-{f}" for h, f in BOOKKEEPING])
 async def test_failing_bookkeeping_never_reaches_the_app(
-    anyio_backend: Any, helper: str, monkeypatch: pytest.MonkeyPatch
+    anyio_backend: Any, hook: str, helper: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Our timing around a loop step fails: every step still runs exactly once with its
     exceptions untouched, the failure is noted once naming the library, and that loop is
@@ -1139,6 +1214,9 @@ async def test_failing_bookkeeping_never_reaches_the_app(
     library = backend_name(anyio_backend)
     if helper == "_context_for" and library != "uvloop":
         pytest.skip("only uvloop schedules callbacks through our wrappers")
+    c_hook = library == "asyncio" and steps.use_c and steps._cstep is not None
+    if (hook == "c") != c_hook:
+        pytest.skip(f"this loop is not timed by the {hook} hook")
     monkeypatch.setattr(patching, "_warned", set())  # noted once per process: start afresh
     patching.take_warnings()
     expected = await exercise(anyio_backend)  # the app without the plugin

@@ -1,7 +1,11 @@
 """Step timing: the hooks that time every step of an attached loop.
 
 * asyncio: ``asyncio.events.Handle._run`` is wrapped (a class attribute: one layer per
-  attached loop, handles of other loops pass straight through);
+  attached loop, handles of other loops pass straight through), by ``_cstep.StepHook``
+  where the package's C module is built (Linux CPython with a compiler at install time;
+  ``STALLGUARD_NO_EXTENSIONS=1`` turns it off), else by the Python wrapper: the same
+  bookkeeping, which calls back into Python only when a step is long, a finding is held or
+  a reading is due;
 * uvloop: it has no ``asyncio.Handle``; the loop's ``call_soon``, ``call_later``,
   ``call_at`` and ``call_soon_threadsafe`` are replaced by instance attributes that wrap
   each callback (task steps and future callbacks go through them; uvloop's own transport
@@ -34,11 +38,13 @@ import asyncio.events
 import contextlib
 import contextvars
 import functools
+import inspect
+import os
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from types import CodeType
+from types import CodeType, FunctionType
 from typing import TYPE_CHECKING, Any
 
 from .. import patching
@@ -54,15 +60,54 @@ WHAT = "the steps of its event loop"
 UVLOOP_METHODS = ("call_soon", "call_soon_threadsafe", "call_later", "call_at")
 
 
-class LoopState:
+class _PyStepState:
+    """The hot state of one watched loop, as the C step hook keeps it (its Python twin;
+    :class:`LoopState` documents each)."""
+
+    __slots__ = ("active", "cpu0", "ctx", "end", "long_s", "pending", "precise", "queue",
+                 "queued", "rq_due", "seq", "start")
+    active: bool
+    cpu0: int
+    ctx: contextvars.Context | None
+    end: float
+    long_s: float
+    pending: dict[object, tuple[Any, float]]
+    precise: bool
+    queue: deque[Any] | None
+    queued: int
+    rq_due: float
+    seq: int
+    start: float
+
+
+def _load_c() -> Any:
+    """The asyncio step hook in C (``_cstep.c``), or None: not built (it is optional: no
+    compiler, not Linux or not CPython), turned off (``STALLGUARD_NO_EXTENSIONS=1``), or its
+    clock is not the one ``time.perf_counter`` reads. The Python hook does the same then."""
+    if os.environ.get("STALLGUARD_NO_EXTENSIONS"):
+        return None
+    try:
+        from . import _cstep
+    except ImportError:
+        return None
+    before = real.perf_counter()
+    at = _cstep.perf_counter()
+    return _cstep if before <= at <= real.perf_counter() else None
+
+
+_cstep = _load_c()
+
+if TYPE_CHECKING:
+    _StepState = _PyStepState
+else:
+    _StepState = _cstep.StepState if _cstep is not None else _PyStepState
+
+
+class LoopState(_StepState):
     """One attached loop: its hooks, and what its thread is running (read by the watchdog)."""
 
     __slots__ = (
-        "active",
-        "cpu0",
         "cpu_hist",
-        "ctx",
-        "end",
         "held",
         "idle_seen",
         "kind",
@@ -75,18 +120,11 @@ class LoopState:
         "mark_step",
         "native_id",
         "patches",
-        "pending",
-        "precise",
         "precise_until",
-        "queue",
-        "queued",
-        "rq_due",
         "rq_fd",
         "rq_hist",
         "sample_seq",
         "samples",
-        "seq",
-        "start",
         "thread",
         "token",
         "watch",
@@ -104,6 +142,8 @@ class LoopState:
         # When the loop thread next reads it itself, at the end of a step (while it is busy:
         # the watchdog reads it only while no step runs; see discount.read_between_steps)
         self.rq_due = 0.0
+        # A step longer than this is judged (the watch's threshold; the C hook reads it)
+        self.long_s: float = watch._threshold_s
         # (real.perf_counter after the read, run-queue wait in ns, start of the step it was
         # read wholly inside or 0.0), appended at every reading (discount.read_run_queue)
         self.rq_hist: deque[tuple[float, int, float]] = deque(maxlen=16)
@@ -215,6 +255,13 @@ def _end(st: LoopState, start: float, ctx: contextvars.Context | None, owner: An
         queue = st.queue
         step_observer(start, end, ctx, owner, queue,
                       len(queue) - st.queued if queue is not None else 0)
+    _after(st, start, end, ctx, owner)
+
+
+def _after(st: LoopState, start: float, end: float, ctx: contextvars.Context | None,
+           owner: Any) -> None:
+    """The end of a step, past the observer (the C hook calls it only when there is
+    something to do: a held finding, a long step, a run-queue reading due)."""
     if st.pending:
         st.watch._repeat(st, start, end, ctx, owner)
     if st.active and end - start > st.watch._threshold_s:
@@ -278,12 +325,35 @@ def _context_for(context: contextvars.Context | None) -> contextvars.Context:
 
 # -- asyncio ---------------------------------------------------------------------------------
 
+# Time asyncio's steps with the C hook where it is built (the tests turn it off to run the
+# same tests on the Python hook).
+use_c = True
+
+
+def _hook_failed(st: LoopState, exc: BaseException) -> None:
+    """The C hook's bookkeeping failed (it calls this, then runs on untimed)."""
+    st.fail(WHAT, exc)
+
 
 def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
     """Time the handles of ``loop``: one layer on ``Handle._run``."""
 
     queue = getattr(loop, "_ready", None)  # BaseEventLoop's ready queue
     st.queue = queue if isinstance(queue, deque) else None
+    if _cstep is not None and use_c:
+        # The same as the Python wrapper below, with no frame of its own: asyncio's own
+        # Handle._run is then the first frame of a step (the watchdog's walk stops there).
+        def make_c(link: patching.Link) -> Any:
+            original = inspect.unwrap(link.next)
+            if isinstance(original, FunctionType):
+                BOUNDARY_CODES.add(original.__code__)
+            return functools.update_wrapper(
+                _cstep.StepHook(st, loop, link, globals(), _hook_failed, asyncio.events.Handle),
+                link.next)
+
+        st.patches.wrap(asyncio.events.Handle, "_run", make_c)
+        track(st)
+        return
 
     def make(link: patching.Link) -> Callable[[asyncio.Handle], None]:
         def _run(self: asyncio.Handle) -> None:
