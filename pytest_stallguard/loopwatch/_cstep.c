@@ -44,6 +44,23 @@ thread_ns(void)
     return (long long)ts.tv_sec * SEC_NS + ts.tv_nsec;
 }
 
+/* The dealloc of every type here: untrack, clear (its tp_clear), free, drop the heap type. */
+static void
+dealloc_via_clear(PyObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)tp->tp_clear(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+/* __dict__ of the wrappers (functools.update_wrapper sets __wrapped__ and the rest there) */
+static PyGetSetDef dict_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL}
+};
+
 /* -- StepState ------------------------------------------------------------------------ */
 
 typedef struct {
@@ -81,16 +98,6 @@ state_clear(StepState *self)
     return 0;
 }
 
-static void
-state_dealloc(StepState *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    state_clear(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static PyMemberDef state_members[] = {
     {"start", T_DOUBLE, offsetof(StepState, start), 0, NULL},
     {"end", T_DOUBLE, offsetof(StepState, end), 0, NULL},
@@ -112,7 +119,7 @@ static PyType_Slot state_slots[] = {
     {Py_tp_members, state_members},
     {Py_tp_traverse, state_traverse},
     {Py_tp_clear, state_clear},
-    {Py_tp_dealloc, state_dealloc},
+    {Py_tp_dealloc, dealloc_via_clear},
     {0, NULL}
 };
 
@@ -550,16 +557,6 @@ hook_clear(StepHook *self)
     return 0;
 }
 
-static void
-hook_dealloc(StepHook *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    hook_clear(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 /* A method: Handle._run looked up on a handle binds it, as a function would. */
 static PyObject *
 hook_get(PyObject *self, PyObject *obj, PyObject *type)
@@ -576,21 +573,16 @@ static PyMemberDef hook_members[] = {
     {NULL}
 };
 
-static PyGetSetDef hook_getset[] = {
-    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
-    {NULL}
-};
-
 static PyType_Slot hook_slots[] = {
     {Py_tp_doc, "asyncio.events.Handle._run, timed (see steps.hook_asyncio)."},
     {Py_tp_new, hook_new},
     {Py_tp_call, PyVectorcall_Call},
     {Py_tp_descr_get, hook_get},
     {Py_tp_members, hook_members},
-    {Py_tp_getset, hook_getset},
+    {Py_tp_getset, dict_getset},
     {Py_tp_traverse, hook_traverse},
     {Py_tp_clear, hook_clear},
-    {Py_tp_dealloc, hook_dealloc},
+    {Py_tp_dealloc, dealloc_via_clear},
     {0, NULL}
 };
 
@@ -706,24 +698,9 @@ create_task_clear(CreateTask *self)
     return 0;
 }
 
-static void
-create_task_dealloc(CreateTask *self)
-{
-    PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
-    create_task_clear(self);
-    tp->tp_free((PyObject *)self);
-    Py_DECREF(tp);
-}
-
 static PyMemberDef create_task_members[] = {
     {"__dictoffset__", T_PYSSIZET, offsetof(CreateTask, dict), READONLY, NULL},
     {"__vectorcalloffset__", T_PYSSIZET, offsetof(CreateTask, vectorcall), READONLY, NULL},
-    {NULL}
-};
-
-static PyGetSetDef create_task_getset[] = {
-    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
     {NULL}
 };
 
@@ -733,10 +710,10 @@ static PyType_Slot create_task_slots[] = {
     {Py_tp_call, PyVectorcall_Call},
     {Py_tp_descr_get, hook_get},
     {Py_tp_members, create_task_members},
-    {Py_tp_getset, create_task_getset},
+    {Py_tp_getset, dict_getset},
     {Py_tp_traverse, create_task_traverse},
     {Py_tp_clear, create_task_clear},
-    {Py_tp_dealloc, create_task_dealloc},
+    {Py_tp_dealloc, dealloc_via_clear},
     {0, NULL}
 };
 
