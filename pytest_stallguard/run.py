@@ -25,7 +25,7 @@ from .errors import StallFindings
 from .guard import Guard
 from .leaks import LeakCheck
 from .loopwatch import LoopWatch
-from .loopwatch.steps import mark_here, timing_here
+from .loopwatch.steps import marker, timing_here
 from .model import DOCS, BurstResult, Finding, PoolStats
 from .pools import PoolWatch, ShrinkPools
 from .upstream import SlowUpstreams
@@ -165,15 +165,16 @@ class _LoopStalls:
 
     def __init__(self, run: GuardRun) -> None:
         self.watch = LoopWatch(run.settings.threshold_ms)
+        self.mark = marker()
 
     def start(self) -> None:
         self.watch.start()
         context.add_enter_hook(self.watch.attach, timing_here)
-        context.on_inline.append(mark_here)
+        context.on_inline.append(self.mark)
 
     def stop(self) -> None:
         with contextlib.suppress(ValueError):
-            context.on_inline.remove(mark_here)
+            context.on_inline.remove(self.mark)
         context.remove_enter_hook(self.watch.attach)
         self.watch.stop()
         self.watch.detach_all()

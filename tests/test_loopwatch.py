@@ -270,16 +270,19 @@ async def test_the_tests_own_code_is_not_a_finding() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("mark", ["marker", "python"])
 async def test_an_inline_request_is_blamed_only_for_its_part_of_a_step(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, mark: str
 ) -> None:
     """A request run inline by the test's task (``httpx.ASGITransport`` under
     ``--stall-guard``: ``attributed(..., isolate=True)``) shares its loop step with the
     test's code, with no scheduling point between them. Unsampled (as when a C call holds
     the GIL to the end of the step), a step is judged by the context at its end: here the
     request. Where the request began in the step bounds its part: the test's own work
-    before it is not blamed; the request's own work still is."""
+    before it is not blamed; the request's own work still is. (``marker``: the listener
+    the plugin uses, in C where built; ``python``: steps.mark_here.)"""
     monkeypatch.setattr(watchdog, "sample", lambda *args: None)  # never sampled
+    listener = steps.marker() if mark == "marker" else steps.mark_here
     app = make_app()
 
     @app.get("/then-cpu")
@@ -296,7 +299,7 @@ async def test_an_inline_request_is_blamed_only_for_its_part_of_a_step(
         with Guard(threshold_ms=CLEAN_MS) as guard:
             watch.start()
             watch.attach()
-            context.on_inline.append(steps.mark_here)
+            context.on_inline.append(listener)
             await anyio.sleep(0)  # steps that start after attach() are timed
             try:
                 burn(2.5 * CLEAN_MS)  # the test's own code, then the request in one step
@@ -306,7 +309,7 @@ async def test_an_inline_request_is_blamed_only_for_its_part_of_a_step(
                 assert (await client.get("/then-cpu")).status_code == 200
                 await anyio.sleep(0)
             finally:
-                context.on_inline.remove(steps.mark_here)
+                context.on_inline.remove(listener)
                 watch.stop()
                 watch.detach_all()
     assert clean == []

@@ -69,6 +69,8 @@ typedef struct {
     double end;       /* at the end of the last step */
     double rq_due;    /* when the next run-queue reading is due */
     double long_s;    /* a step longer than this goes to the Python side */
+    /* inline requests in the running step (steps.mark_inline) */
+    double mark_step, mark_in, mark_last, mark_lo, mark_hi;
     long long seq;
     long long cpu0;
     Py_ssize_t queued;
@@ -103,6 +105,11 @@ static PyMemberDef state_members[] = {
     {"end", T_DOUBLE, offsetof(StepState, end), 0, NULL},
     {"rq_due", T_DOUBLE, offsetof(StepState, rq_due), 0, NULL},
     {"long_s", T_DOUBLE, offsetof(StepState, long_s), 0, NULL},
+    {"mark_step", T_DOUBLE, offsetof(StepState, mark_step), 0, NULL},
+    {"mark_in", T_DOUBLE, offsetof(StepState, mark_in), 0, NULL},
+    {"mark_last", T_DOUBLE, offsetof(StepState, mark_last), 0, NULL},
+    {"mark_lo", T_DOUBLE, offsetof(StepState, mark_lo), 0, NULL},
+    {"mark_hi", T_DOUBLE, offsetof(StepState, mark_hi), 0, NULL},
     {"seq", T_LONGLONG, offsetof(StepState, seq), 0, NULL},
     {"cpu0", T_LONGLONG, offsetof(StepState, cpu0), 0, NULL},
     {"queued", T_PYSSIZET, offsetof(StepState, queued), 0, NULL},
@@ -129,6 +136,131 @@ static PyType_Spec state_spec = {
     0,
     Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     state_slots,
+};
+
+/* -- inline requests ------------------------------------------------------------------ */
+
+/* MarkHere(on_thread)(entering): steps.mark_here, for the thread's attached loop in
+ * ``on_thread`` (thread ident -> LoopState): what steps.mark_inline notes, in C. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *on_thread;
+    PyTypeObject *state_type;
+    vectorcallfunc vectorcall;
+} MarkHere;
+
+static PyObject *
+mark_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    MarkHere *self = (MarkHere *)callable;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "mark_here(entering) takes one argument");
+        return NULL;
+    }
+    int entering = PyObject_IsTrue(args[0]);
+    PyObject *key = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    if (key == NULL || entering < 0) {
+        Py_XDECREF(key);
+        PyErr_Clear();  /* never raises into the request */
+        Py_RETURN_NONE;
+    }
+    PyObject *found = PyDict_GetItemWithError(self->on_thread, key);  /* borrowed */
+    Py_DECREF(key);
+    if (found == NULL || !PyObject_TypeCheck(found, self->state_type)) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    StepState *st = (StepState *)found;
+    double start = st->start;
+    if (start == 0.0 || !st->active) {
+        Py_RETURN_NONE;
+    }
+    double now = now_s();
+    if (st->mark_step != start) {  /* the first mark of this step */
+        st->mark_step = start;
+        st->mark_in = start;  /* if it is an end: the step began inside that request */
+        st->mark_lo = st->mark_hi = 0.0;
+    }
+    else if (st->mark_in == 0.0) {  /* an end with none running: since the last mark */
+        st->mark_in = st->mark_last;
+    }
+    if (entering) {
+        st->mark_in = now;
+    }
+    else {
+        if (now - st->mark_in > st->mark_hi - st->mark_lo) {
+            st->mark_lo = st->mark_in;
+            st->mark_hi = now;
+        }
+        st->mark_in = 0.0;
+    }
+    st->mark_last = now;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+mark_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *on_thread;
+    static char *names[] = {"on_thread", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!:MarkHere", names, &PyDict_Type,
+                                     &on_thread)) {
+        return NULL;
+    }
+    PyObject *state_type = PyObject_GetAttrString(PyType_GetModule(type), "StepState");
+    if (state_type == NULL) {
+        return NULL;
+    }
+    MarkHere *self = (MarkHere *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        Py_DECREF(state_type);
+        return NULL;
+    }
+    self->on_thread = Py_NewRef(on_thread);
+    self->state_type = (PyTypeObject *)state_type;
+    self->vectorcall = mark_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+mark_traverse(MarkHere *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->on_thread);
+    Py_VISIT(self->state_type);
+    return 0;
+}
+
+static int
+mark_clear(MarkHere *self)
+{
+    Py_CLEAR(self->on_thread);
+    Py_CLEAR(self->state_type);
+    return 0;
+}
+
+static PyMemberDef mark_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(MarkHere, vectorcall), READONLY, NULL},
+    {NULL}
+};
+
+static PyType_Slot mark_slots[] = {
+    {Py_tp_doc, "steps.mark_here in C: an inline request begins or ends now."},
+    {Py_tp_new, mark_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_members, mark_members},
+    {Py_tp_traverse, mark_traverse},
+    {Py_tp_clear, mark_clear},
+    {Py_tp_dealloc, dealloc_via_clear},
+    {0, NULL}
+};
+
+static PyType_Spec mark_spec = {
+    "pytest_stallguard.loopwatch._cstep.MarkHere",
+    sizeof(MarkHere),
+    0,
+    Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    mark_slots,
 };
 
 /* -- the audit's common case ---------------------------------------------------------- */
@@ -853,6 +985,11 @@ module_exec(PyObject *module)
     PyObject *state = PyType_FromModuleAndSpec(module, &state_spec, NULL);
     if (state == NULL || PyModule_AddObject(module, "StepState", state) < 0) {
         Py_XDECREF(state);
+        return -1;
+    }
+    PyObject *mark = PyType_FromModuleAndSpec(module, &mark_spec, NULL);
+    if (mark == NULL || PyModule_AddObject(module, "MarkHere", mark) < 0) {
+        Py_XDECREF(mark);
         return -1;
     }
     PyObject *create_task = PyType_FromModuleAndSpec(module, &create_task_spec, NULL);

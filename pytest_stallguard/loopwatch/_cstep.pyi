@@ -19,6 +19,11 @@ class StepState:
     ctx: contextvars.Context | None
     pending: dict[object, tuple[Any, float]]
     queue: deque[Any] | None
+    mark_step: float
+    mark_in: float
+    mark_last: float
+    mark_lo: float
+    mark_hi: float
 
 class StepHook:
     def __init__(
@@ -32,6 +37,10 @@ class StepHook:
     ) -> None: ...
     def __call__(self, handle: Any) -> None: ...
     def __get__(self, obj: Any, type: Any = None) -> Any: ...
+
+class MarkHere:
+    def __init__(self, on_thread: dict[int, StepState]) -> None: ...
+    def __call__(self, entering: bool, /) -> None: ...
 
 class CreateTask:
     def __init__(

@@ -64,13 +64,19 @@ class _PyStepState:
     """The hot state of one watched loop, as the C step hook keeps it (its Python twin;
     :class:`LoopState` documents each)."""
 
-    __slots__ = ("active", "cpu0", "ctx", "end", "long_s", "pending", "precise", "queue",
-                 "queued", "rq_due", "seq", "start")
+    __slots__ = ("active", "cpu0", "ctx", "end", "long_s", "mark_hi", "mark_in", "mark_last",
+                 "mark_lo", "mark_step", "pending", "precise", "queue", "queued", "rq_due",
+                 "seq", "start")
     active: bool
     cpu0: int
     ctx: contextvars.Context | None
     end: float
     long_s: float
+    mark_hi: float
+    mark_in: float
+    mark_last: float
+    mark_lo: float
+    mark_step: float
     pending: dict[object, tuple[Any, float]]
     precise: bool
     queue: deque[Any] | None
@@ -113,11 +119,6 @@ class LoopState(_StepState):
         "kind",
         "lock",
         "loop",
-        "mark_hi",
-        "mark_in",
-        "mark_last",
-        "mark_lo",
-        "mark_step",
         "native_id",
         "patches",
         "precise_until",
@@ -304,6 +305,14 @@ def mark_here(entering: bool) -> None:
     st = _on_thread.get(threading.get_ident())
     if st is not None:
         mark_inline(st, entering)
+
+
+def marker() -> Callable[[bool], None]:
+    """The :data:`context.on_inline` listener to use: :func:`mark_here`, in C where the
+    C module is built and used (twice a request: as cheap as can be)."""
+    if _cstep is not None and use_c:
+        return _cstep.MarkHere(_on_thread)  # type: ignore[no-any-return]
+    return mark_here
 
 
 def inline_bounds(st: LoopState, start: float, end: float) -> tuple[float, float]:
