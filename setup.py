@@ -1,9 +1,9 @@
-"""The one compiled part: the asyncio step hook in C (pytest_stallguard/loopwatch/_cstep.c).
+"""The one compiled part: the per-step hooks in C (pytest_stallguard/loopwatch/_cstep.c).
 
 Everything else is in pyproject.toml. The extension is optional: where it cannot be built
-(no C compiler, not Linux, not CPython) the install goes on and the Python hook in
-``loopwatch/steps.py`` does the same work, slower. ``STALLGUARD_NO_EXTENSIONS=1`` makes an
-installed copy use the Python hook too.
+(no C compiler, not Linux, not CPython) the install goes on and the Python versions of its
+hooks do the same work, slower. ``STALLGUARD_NO_EXTENSIONS=1`` makes an installed copy use
+them too.
 """
 
 import platform

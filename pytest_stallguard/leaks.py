@@ -201,21 +201,12 @@ class LeakCheck:
                 return functools.update_wrapper(
                     cstep.CreateTask(link, in_request, note, loop if on_class else None),
                     link.next)
-            if on_class:
-
-                @functools.wraps(link.next)
-                def create_task_method(self: Any, *args: Any, **kwargs: Any) -> Any:
-                    task = link.next(self, *args, **kwargs)
-                    if self is loop and in_request.get() is not None:
-                        note(task, sys._getframe(1))
-                    return task
-
-                return create_task_method
 
             @functools.wraps(link.next)
             def create_task(*args: Any, **kwargs: Any) -> Any:
                 task = link.next(*args, **kwargs)
-                if in_request.get() is not None:
+                # (on the class, args[0] is the loop it was called on)
+                if (not on_class or args[0] is loop) and in_request.get() is not None:
                     note(task, sys._getframe(1))
                 return task
 

@@ -84,6 +84,7 @@ from .clock import real
 from .context import current_var as _request
 from .errors import BlockingCallError
 from .location import _PLUGIN_DIR, is_user_file, user_location
+from .loopwatch import steps
 from .model import DOCS
 
 # One-time framework and interpreter work that reads files (or starts processes) on the
@@ -169,12 +170,10 @@ def install() -> None:
 
 
 def _add_audit_hook() -> None:
-    """Add :func:`_audit` as an audit hook, for good. Where the C step hook's module is
+    """Add :func:`_audit` as an audit hook, for good. Where the C module of the step hooks is
     built, through a hook in C that calls it only for the events it looks at: every other
     audit event of the process (anyio's ``id()`` at each task it starts) then costs a
-    string compare, not a Python call."""
-    from .loopwatch import steps
-
+    few string compares, not a Python call."""
     if steps._cstep is not None:
         steps._cstep.add_audit_hook(_audit, tuple(_AUDIT_EVENTS))
     else:

@@ -128,9 +128,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(autouse=True)
 def _step_hook(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The python_hook marker (a backend of BACKENDS): asyncio without the C step hook."""
+    """The python_hook marker (a backend of BACKENDS): the Python versions of the C hooks."""
     if request.node.get_closest_marker("python_hook") is not None:
-        monkeypatch.setattr(steps, "use_c", False)
+        monkeypatch.setattr(steps, "_cstep", None)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
-/* The asyncio step hook in C: what steps.hook_asyncio's Python wrapper does on every loop
- * step, without a Python frame of ours per step.
+/* The hooks that run on every loop step, task, audit event and inline request, in C:
+ * what their Python versions (steps.hook_asyncio's wrapper, steps.mark_here,
+ * leaks.LeakCheck's create_task, traps._audit as a plain audit hook) do, without a Python
+ * frame of ours each time.
  *
  * The hot state of a watched loop lives in StepState (the base of steps.LoopState): the
  * Python code reads and writes the same attributes (start, end, seq, ctx, ...) as before.
@@ -154,7 +156,8 @@ mark_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
 {
     MarkHere *self = (MarkHere *)callable;
     if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
-        PyErr_SetString(PyExc_TypeError, "mark_here(entering) takes one argument");
+        PyErr_Format(PyExc_TypeError, "mark_here(entering) takes one argument, got %zd",
+                     PyVectorcall_NARGS(nargsf));
         return NULL;
     }
     int entering = PyObject_IsTrue(args[0]);
@@ -356,7 +359,8 @@ c_observe(double start, double end, PyObject *ctx, PyObject *owner, PyObject *qu
         for (Py_ssize_t i = 0; i < nclosing && rc == 0; i++) {
             PyObject *pair = PyList_GET_ITEM(done, i);
             if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-                PyErr_SetString(PyExc_TypeError, "a closing entry is not (ledger, at)");
+                PyErr_Format(PyExc_TypeError,
+                             "audit: a request's closing entry is %R, not (ledger, at)", pair);
                 rc = -1;
                 break;
             }
@@ -409,8 +413,12 @@ audit_on(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 5 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
         !PyList_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "audit_on(sched: dict, closing: list, flat: list, var, observe)");
+        PyErr_Format(PyExc_TypeError,
+                     "audit_on(sched: dict, closing: list, flat: list, var, observe): got %zd "
+                     "argument(s), the first three of types %s, %s, %s", nargs,
+                     nargs > 0 ? Py_TYPE(args[0])->tp_name : "-",
+                     nargs > 1 ? Py_TYPE(args[1])->tp_name : "-",
+                     nargs > 2 ? Py_TYPE(args[2])->tp_name : "-");
         return NULL;
     }
     Py_XSETREF(a_sched, Py_NewRef(args[0]));
@@ -497,26 +505,11 @@ step_end(StepHook *self, double start, PyObject *ctx, PyObject *handle)
         else {
             queue = Py_None;
         }
-        if (observer == a_observe && a_flat != NULL) {
-            Py_INCREF(observer);
-            int rc = c_observe(start, end, ctx, handle, queue, scheduled);
-            if (rc < 0) {  /* audit.observe itself handles its failure (it stops the audit) */
-                PyErr_Clear();
-                rc = 0;
-                PyObject *res = PyObject_CallFunction(observer, "ddOOOn", start, end,
-                                                      ctx ? ctx : Py_None, handle, queue,
-                                                      scheduled);
-                if (res == NULL) {
-                    rc = -1;
-                }
-                Py_XDECREF(res);
-            }
-            Py_DECREF(observer);
-            if (rc < 0) {
-                return -1;
-            }
-        }
-        else {
+        /* audit.observe is done here; any other observer, or audit.observe when this
+         * fails (it handles its own failure: it stops the audit), is called */
+        if (observer != a_observe || a_flat == NULL ||
+            c_observe(start, end, ctx, handle, queue, scheduled) < 0) {
+            PyErr_Clear();
             Py_INCREF(observer);
             PyObject *res = PyObject_CallFunction(observer, "ddOOOn", start, end,
                                                   ctx ? ctx : Py_None, handle, queue,
@@ -611,7 +604,8 @@ hook_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
-        PyErr_SetString(PyExc_TypeError, "Handle._run() takes the handle only");
+        PyErr_Format(PyExc_TypeError,
+                     "Handle._run() takes the handle only, got %zd argument(s)", nargs);
         return NULL;
     }
     return hook_call((StepHook *)callable, args[0]);
@@ -689,9 +683,10 @@ hook_clear(StepHook *self)
     return 0;
 }
 
-/* A method: Handle._run looked up on a handle binds it, as a function would. */
+/* A method (StepHook, CreateTask on a class): looked up on an instance, it binds to it,
+ * as a function would. */
 static PyObject *
-hook_get(PyObject *self, PyObject *obj, PyObject *type)
+method_get(PyObject *self, PyObject *obj, PyObject *type)
 {
     if (obj == NULL || obj == Py_None) {
         return Py_NewRef(self);
@@ -709,7 +704,7 @@ static PyType_Slot hook_slots[] = {
     {Py_tp_doc, "asyncio.events.Handle._run, timed (see steps.hook_asyncio)."},
     {Py_tp_new, hook_new},
     {Py_tp_call, PyVectorcall_Call},
-    {Py_tp_descr_get, hook_get},
+    {Py_tp_descr_get, method_get},
     {Py_tp_members, hook_members},
     {Py_tp_getset, dict_getset},
     {Py_tp_traverse, hook_traverse},
@@ -840,7 +835,7 @@ static PyType_Slot create_task_slots[] = {
     {Py_tp_doc, "A loop's create_task, noting tasks made for a request (see leaks.py)."},
     {Py_tp_new, create_task_new},
     {Py_tp_call, PyVectorcall_Call},
-    {Py_tp_descr_get, hook_get},
+    {Py_tp_descr_get, method_get},
     {Py_tp_members, create_task_members},
     {Py_tp_getset, dict_getset},
     {Py_tp_traverse, create_task_traverse},
@@ -872,8 +867,8 @@ static PyObject *audit_callback;
 static int
 audit_hook(const char *event, PyObject *args, void *unused)
 {
-    if (audit_callback == NULL || (event[0] != 'o' && event[0] != 's')) {
-        return 0;  /* (every event the traps want starts with o or s: checked when added) */
+    if (audit_callback == NULL) {
+        return 0;
     }
     for (Py_ssize_t i = 0; i < n_audit_events; i++) {
         if (strcmp(event, audit_events[i]) == 0) {
@@ -897,7 +892,10 @@ static PyObject *
 add_audit_hook(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyCallable_Check(args[0]) || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "add_audit_hook(hook, events: tuple[str, ...])");
+        PyErr_Format(PyExc_TypeError,
+                     "add_audit_hook(hook, events): give a callable and a tuple of event "
+                     "names, got %zd argument(s)%s%R", nargs, nargs == 2 ? ": " : "",
+                     nargs == 2 ? args[1] : Py_None);
         return NULL;
     }
     if (audit_callback != NULL) {
@@ -915,13 +913,13 @@ add_audit_hook(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < n; i++) {
         const char *name = PyUnicode_Check(PyTuple_GET_ITEM(events, i))
             ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(events, i)) : NULL;
-        if (name == NULL || (name[0] != 'o' && name[0] != 's')) {
+        if (name == NULL) {
             for (Py_ssize_t j = 0; j < i; j++) {
                 PyMem_RawFree(copies[j]);
             }
             if (!PyErr_Occurred()) {
-                PyErr_Format(PyExc_ValueError,
-                             "add_audit_hook(): event %R is not a str starting with o or s",
+                PyErr_Format(PyExc_TypeError,
+                             "add_audit_hook(): event %R is not a str (give event names)",
                              PyTuple_GET_ITEM(events, i));
             }
             return NULL;

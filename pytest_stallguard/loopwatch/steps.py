@@ -61,35 +61,19 @@ UVLOOP_METHODS = ("call_soon", "call_soon_threadsafe", "call_later", "call_at")
 
 
 class _PyStepState:
-    """The hot state of one watched loop, as the C step hook keeps it (its Python twin;
-    :class:`LoopState` documents each)."""
+    """The hot state of one watched loop, as ``_cstep.StepState`` keeps it (its Python twin,
+    typed in ``_cstep.pyi``; :class:`LoopState` documents each)."""
 
     __slots__ = ("active", "cpu0", "ctx", "end", "long_s", "mark_hi", "mark_in", "mark_last",
                  "mark_lo", "mark_step", "pending", "precise", "queue", "queued", "rq_due",
                  "seq", "start")
-    active: bool
-    cpu0: int
-    ctx: contextvars.Context | None
-    end: float
-    long_s: float
-    mark_hi: float
-    mark_in: float
-    mark_last: float
-    mark_lo: float
-    mark_step: float
-    pending: dict[object, tuple[Any, float]]
-    precise: bool
-    queue: deque[Any] | None
-    queued: int
-    rq_due: float
-    seq: int
-    start: float
 
 
 def _load_c() -> Any:
-    """The asyncio step hook in C (``_cstep.c``), or None: not built (it is optional: no
-    compiler, not Linux or not CPython), turned off (``STALLGUARD_NO_EXTENSIONS=1``), or its
-    clock is not the one ``time.perf_counter`` reads. The Python hook does the same then."""
+    """The C module of the per-step hooks (``_cstep.c``), or None: not built (it is
+    optional: no compiler, not Linux or not CPython), turned off
+    (``STALLGUARD_NO_EXTENSIONS=1``), or its clock is not the one ``time.perf_counter``
+    reads. The Python versions of its hooks do the same then."""
     if os.environ.get("STALLGUARD_NO_EXTENSIONS"):
         return None
     try:
@@ -101,10 +85,11 @@ def _load_c() -> Any:
     return _cstep if before <= at <= real.perf_counter() else None
 
 
+# The C module where it is used (the tests set it to None to run the Python versions).
 _cstep = _load_c()
 
 if TYPE_CHECKING:
-    _StepState = _PyStepState
+    from ._cstep import StepState as _StepState
 else:
     _StepState = _cstep.StepState if _cstep is not None else _PyStepState
 
@@ -310,7 +295,7 @@ def mark_here(entering: bool) -> None:
 def marker() -> Callable[[bool], None]:
     """The :data:`context.on_inline` listener to use: :func:`mark_here`, in C where the
     C module is built and used (twice a request: as cheap as can be)."""
-    if _cstep is not None and use_c:
+    if _cstep is not None:
         return _cstep.MarkHere(_on_thread)  # type: ignore[no-any-return]
     return mark_here
 
@@ -334,11 +319,6 @@ def _context_for(context: contextvars.Context | None) -> contextvars.Context:
 
 # -- asyncio ---------------------------------------------------------------------------------
 
-# Time asyncio's steps with the C hook where it is built (the tests turn it off to run the
-# same tests on the Python hook).
-use_c = True
-
-
 def _hook_failed(st: LoopState, exc: BaseException) -> None:
     """The C hook's bookkeeping failed (it calls this, then runs on untimed)."""
     st.fail(WHAT, exc)
@@ -349,7 +329,7 @@ def hook_asyncio(st: LoopState, loop: asyncio.AbstractEventLoop) -> None:
 
     queue = getattr(loop, "_ready", None)  # BaseEventLoop's ready queue
     st.queue = queue if isinstance(queue, deque) else None
-    if _cstep is not None and use_c:
+    if _cstep is not None:
         # The same as the Python wrapper below, with no frame of its own: asyncio's own
         # Handle._run is then the first frame of a step (the watchdog's walk stops there).
         def make_c(link: patching.Link) -> Any:
