@@ -312,7 +312,7 @@ async def running(app: Any, settings: Settings, guard: Guard | None) -> AsyncIte
     """
     from asgi_lifespan import LifespanNotSupported
 
-    wrapped = context.attributed(app)
+    wrapped = context.attributed(app, watch_send=False)  # (driver.call's send notes it)
     lifespan = _Lifespan(wrapped, settings.startup_timeout, settings.shutdown_timeout)
     manager: _Lifespan | None = lifespan
     startup_s = settings.startup_timeout + min(CLEANUP_S, settings.startup_timeout)

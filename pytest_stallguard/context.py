@@ -133,13 +133,16 @@ _WRAPPED = "__stallguard_wrapped__"
 # it only through add_enter_hook / remove_enter_hook, which forget which loops were seen.
 on_enter: list[tuple[Callable[[], None], Callable[[], bool] | None]] = []
 _seen_loop: list[object] = [None]  # the asyncio loop the hooks last ran on
+# The check of the only hook, when there is one and it has a check: attributed() calls it
+# at every request, and run_enter_hooks() only when it says there is something to do.
+_only_check: list[Callable[[], bool] | None] = [None]
 
 
 def add_enter_hook(hook: Callable[[], None], done: Callable[[], bool] | None = None) -> None:
     """Run ``hook`` as ASGI calls start on a loop it has not run on; ``done``, when given,
     is a cheap check (no system call) that it has nothing to do for the running code."""
     on_enter.append((hook, done))
-    _seen_loop[0] = None
+    _hooks_changed()
 
 
 def remove_enter_hook(hook: Callable[[], None]) -> None:
@@ -147,7 +150,12 @@ def remove_enter_hook(hook: Callable[[], None]) -> None:
         if known == hook:  # (a bound method is a new object at each access)
             del on_enter[k]
             break
+    _hooks_changed()
+
+
+def _hooks_changed() -> None:
     _seen_loop[0] = None
+    _only_check[0] = on_enter[0][1] if len(on_enter) == 1 else None
 
 
 def run_enter_hooks() -> bool:
@@ -176,7 +184,7 @@ def run_enter_hooks() -> bool:
 on_inline: list[Callable[[bool], None]] = []
 
 
-def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
+def attributed(app: ASGIApp, *, isolate: bool = False, watch_send: bool = True) -> ASGIApp:
     """Wrap an ASGI app so that code running for each call knows its request.
 
     The wrapper changes nothing the app sees: same scope, receive and send messages.
@@ -193,27 +201,37 @@ def attributed(app: ASGIApp, *, isolate: bool = False) -> ASGIApp:
     loop the hooks had not seen (``TestClient`` may run each request on a loop of its
     own) does the call start with a scheduling point, so that the request runs in a step
     the loop watch times from its beginning.
+
+    The app's ``send`` is wrapped, to note when the last body has gone (what runs after
+    is ``background``). ``watch_send=False`` is for a caller whose own ``send`` notes it
+    (sets ``current().done``: the burst driver): the app then gets that ``send`` as is.
     """
     if getattr(app, _WRAPPED, False):
         return app
     with contextlib.suppress(Exception):  # where findings point, never a client failure
         location.add_app(app)
 
+    only_check = _only_check
+
     async def stallguard_attributed(scope: Scope, receive: Receive, send: Send) -> None:
-        if isolate and run_enter_hooks():
-            # A loop hooked just now (a TestClient runs each request on a loop of its own):
-            # the request starts in a step the loop watch times from its beginning.
-            await anyio.lowlevel.checkpoint()
+        if on_enter:
+            check = only_check[0]  # (no call into run_enter_hooks() when it says so)
+            if (check is None or not check()) and run_enter_hooks() and isolate:
+                # A loop hooked just now (a TestClient runs each request on a loop of its
+                # own): the request starts in a step the loop watch times from its start.
+                await anyio.lowlevel.checkpoint()
         info = RequestInfo(label_of(scope), threading.get_ident())
         token = _current.set(info)
         last_var.set(info)
         if isolate:
             for mark in on_inline:
                 mark(True)
-        else:
-            run_enter_hooks()
         try:
             if scope.get("type") != "http":
+                await app(scope, receive, send)
+                return
+
+            if not watch_send:  # (the caller's send sets info.done itself)
                 await app(scope, receive, send)
                 return
 

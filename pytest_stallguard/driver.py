@@ -19,7 +19,7 @@ import anyio
 import httpx
 
 from .clock import real
-from .context import ASGIApp, Message
+from .context import ASGIApp, Message, current_var
 
 _SERVER = ("testserver", 80)
 _CLIENT = ("127.0.0.1", 50000)
@@ -135,6 +135,9 @@ async def call(app: ASGIApp, spec: RequestSpec) -> Reply:
                     reply.first_byte = reply.finished
                 if disconnect is not None:
                     disconnect.set()
+                info = current_var.get()  # what runs for the request now is background
+                if info is not None:
+                    info.done = True
 
     scope = dict(spec.scope)
     reply.started = real.perf_counter()

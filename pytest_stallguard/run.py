@@ -25,7 +25,7 @@ from .errors import StallFindings
 from .guard import Guard
 from .leaks import LeakCheck
 from .loopwatch import LoopWatch
-from .loopwatch.steps import marker, timing_here
+from .loopwatch.steps import marker, timing_check
 from .model import DOCS, BurstResult, Finding, PoolStats
 from .pools import PoolWatch, ShrinkPools
 from .upstream import SlowUpstreams
@@ -169,7 +169,7 @@ class _LoopStalls:
 
     def start(self) -> None:
         self.watch.start()
-        context.add_enter_hook(self.watch.attach, timing_here)
+        context.add_enter_hook(self.watch.attach, timing_check(self.mark))
         context.on_inline.append(self.mark)
 
     def stop(self) -> None:

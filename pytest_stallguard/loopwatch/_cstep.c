@@ -151,6 +151,34 @@ typedef struct {
     vectorcallfunc vectorcall;
 } MarkHere;
 
+/* The thread's attached loop (borrowed), or NULL, with no exception set. */
+static StepState *
+state_here(MarkHere *self)
+{
+    PyObject *key = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
+    PyObject *found = key == NULL ? NULL : PyDict_GetItemWithError(self->on_thread, key);
+    Py_XDECREF(key);
+    if (found == NULL || !PyObject_TypeCheck(found, self->state_type)) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return (StepState *)found;
+}
+
+/* steps.timing_here: whether a loop watch times the step running on this thread */
+static PyObject *
+mark_timing_here(MarkHere *self, PyObject *unused)
+{
+    StepState *st = state_here(self);
+    return PyBool_FromLong(st != NULL && st->active && st->start != 0.0);
+}
+
+static PyMethodDef mark_methods[] = {
+    {"timing_here", (PyCFunction)mark_timing_here, METH_NOARGS,
+     "steps.timing_here in C: whether a loop watch times the step running on this thread."},
+    {NULL}
+};
+
 static PyObject *
 mark_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -161,19 +189,11 @@ mark_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf, PyObje
         return NULL;
     }
     int entering = PyObject_IsTrue(args[0]);
-    PyObject *key = PyLong_FromUnsignedLong(PyThread_get_thread_ident());
-    if (key == NULL || entering < 0) {
-        Py_XDECREF(key);
+    StepState *st = entering < 0 ? NULL : state_here(self);
+    if (st == NULL) {
         PyErr_Clear();  /* never raises into the request */
         Py_RETURN_NONE;
     }
-    PyObject *found = PyDict_GetItemWithError(self->on_thread, key);  /* borrowed */
-    Py_DECREF(key);
-    if (found == NULL || !PyObject_TypeCheck(found, self->state_type)) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
-    StepState *st = (StepState *)found;
     double start = st->start;
     if (start == 0.0 || !st->active) {
         Py_RETURN_NONE;
@@ -252,6 +272,7 @@ static PyType_Slot mark_slots[] = {
     {Py_tp_new, mark_new},
     {Py_tp_call, PyVectorcall_Call},
     {Py_tp_members, mark_members},
+    {Py_tp_methods, mark_methods},
     {Py_tp_traverse, mark_traverse},
     {Py_tp_clear, mark_clear},
     {Py_tp_dealloc, dealloc_via_clear},
@@ -863,11 +884,13 @@ static PyType_Spec create_task_spec = {
 static char *audit_events[MAX_EVENTS];
 static Py_ssize_t n_audit_events;
 static PyObject *audit_callback;
+/* the first bytes of those names: any other event is turned away on one load */
+static unsigned char audit_first[256];
 
 static int
 audit_hook(const char *event, PyObject *args, void *unused)
 {
-    if (audit_callback == NULL) {
+    if (audit_callback == NULL || !audit_first[(unsigned char)event[0]]) {
         return 0;
     }
     for (Py_ssize_t i = 0; i < n_audit_events; i++) {
@@ -942,6 +965,7 @@ add_audit_hook(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         audit_events[i] = copies[i];
+        audit_first[(unsigned char)copies[i][0]] = 1;
     }
     n_audit_events = n;
     audit_callback = Py_NewRef(args[0]);  /* kept for the process's life, as the hook */

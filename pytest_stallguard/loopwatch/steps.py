@@ -300,6 +300,12 @@ def marker() -> Callable[[bool], None]:
     return mark_here
 
 
+def timing_check(mark: Callable[[bool], None]) -> Callable[[], bool]:
+    """:func:`timing_here`, in C with the C listener ``mark`` (from :func:`marker`): the
+    loop watch's enter hook check, made at every request."""
+    return getattr(mark, "timing_here", timing_here)
+
+
 def inline_bounds(st: LoopState, start: float, end: float) -> tuple[float, float]:
     """The longest part of the step from ``start`` to ``end`` that one inline request ran
     in: all of the step unless :func:`mark_inline` saw a request begin or end inside it."""
