@@ -20,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <errno.h>
 #include <string.h>
 #include <time.h>
 
@@ -980,12 +981,145 @@ perf_counter(PyObject *module, PyObject *unused)
     return PyFloat_FromDouble(now_s());
 }
 
+/* -- the watchdog's nap -------------------------------------------------------------- */
+
+#define MAX_NAP_STATES 64
+#define MAX_NAP_DICTS 4
+
+static void
+sleep_s(double seconds)
+{
+    if (seconds <= 0.0) {
+        return;
+    }
+    struct timespec ts;
+    ts.tv_sec = (time_t)seconds;
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
+/* nap(states, interval, early, late, limit, stop, dicts) -> float
+ *
+ * The watchdog's sleep (watchdog.py), without the GIL: it looks at the loops in
+ * ``states`` (StepStates) every ``interval`` seconds (sooner when a running step would be
+ * ``early`` seconds old by then) and returns, with the GIL, only when
+ * its Python side has something to do: a loop is running a step that is ``early`` seconds
+ * old (it may need a sample: taking the GIL from a loop thread in pure Python takes a
+ * switch interval, so the watchdog asks for it well before the step is half the threshold
+ * old), a loop ran no step since the last look and runs none now (idle: the watchdog
+ * reads its run-queue wait), one of ``dicts`` (the watch's loops, the process's threads)
+ * changed size, a look came more than ``late`` seconds after it was due (the machine is
+ * busy: the Python side decides), ``limit`` seconds have passed, or ``stop[0]`` (a
+ * bytearray) is set. Returns when its last sleep was due to end.
+ *
+ * Taking the GIL at every look would take it from a busy loop thread dozens of times a
+ * second, and each hand-over costs that thread more than the look itself (measured: a
+ * point and a half of a trivial request's time). The fields read here are written by the
+ * loop threads meanwhile: doubles and counters, each read whole. */
+static PyObject *
+watchdog_nap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7 || !PyTuple_Check(args[0]) || !PyByteArray_Check(args[5]) ||
+        PyByteArray_GET_SIZE(args[5]) < 1 || !PyTuple_Check(args[6])) {
+        PyErr_Format(PyExc_TypeError,
+                     "nap(states: tuple, interval, early, late, limit, stop: bytearray, "
+                     "dicts: tuple): got %zd argument(s)", nargs);
+        return NULL;
+    }
+    double interval = PyFloat_AsDouble(args[1]);
+    double early = PyFloat_AsDouble(args[2]);
+    double late = PyFloat_AsDouble(args[3]);
+    double limit = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!(interval > 0.0)) {
+        PyErr_Format(PyExc_ValueError, "nap(): interval %R, give seconds > 0", args[1]);
+        return NULL;
+    }
+    PyObject *states = args[0], *dicts = args[6];
+    Py_ssize_t n = PyTuple_GET_SIZE(states), nd = PyTuple_GET_SIZE(dicts);
+    if (n > MAX_NAP_STATES || nd > MAX_NAP_DICTS) {
+        PyErr_Format(PyExc_ValueError, "nap(): %zd loops and %zd dicts, at most %d and %d",
+                     n, nd, MAX_NAP_STATES, MAX_NAP_DICTS);
+        return NULL;
+    }
+    PyObject *state_type = PyObject_GetAttrString(module, "StepState");
+    if (state_type == NULL) {
+        return NULL;
+    }
+    StepState *st[MAX_NAP_STATES];
+    long long seen[MAX_NAP_STATES];
+    Py_ssize_t sizes[MAX_NAP_DICTS];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyTuple_GET_ITEM(states, i);
+        if (!PyObject_TypeCheck(item, (PyTypeObject *)state_type)) {
+            Py_DECREF(state_type);
+            PyErr_Format(PyExc_TypeError, "nap(): loop %zd is %R, not a StepState", i, item);
+            return NULL;
+        }
+        st[i] = (StepState *)item;
+        seen[i] = st[i]->seq;
+    }
+    Py_DECREF(state_type);
+    for (Py_ssize_t j = 0; j < nd; j++) {
+        PyObject *d = PyTuple_GET_ITEM(dicts, j);
+        if (!PyDict_Check(d)) {
+            PyErr_Format(PyExc_TypeError, "nap(): %R is not a dict", d);
+            return NULL;
+        }
+        sizes[j] = PyDict_GET_SIZE(d);
+    }
+    /* The caller holds every object read below until this returns. */
+    volatile char *stop = PyByteArray_AS_STRING(args[5]);
+    double began = now_s(), planned = began + interval;
+    Py_BEGIN_ALLOW_THREADS
+    sleep_s(interval);
+    for (;;) {
+        double now = now_s();
+        int wake = stop[0] || now - planned > late || now - began >= limit;
+        for (Py_ssize_t j = 0; j < nd && !wake; j++) {
+            wake = PyDict_GET_SIZE(PyTuple_GET_ITEM(dicts, j)) != sizes[j];
+        }
+        double next = now + interval;
+        for (Py_ssize_t i = 0; i < n && !wake; i++) {
+            volatile StepState *s = st[i];
+            if (!s->active) {
+                continue;
+            }
+            double start = s->start;
+            long long seq = s->seq;
+            if (start != 0.0) {
+                wake = now - start >= early;  /* a step that may need a sample */
+                if (start + early < next) {
+                    next = start + early;  /* look again when it would */
+                }
+            }
+            else {
+                wake = seq == seen[i];  /* idle since the last look */
+            }
+            seen[i] = seq;
+        }
+        if (wake) {
+            break;
+        }
+        planned = next;
+        sleep_s(next - now);
+    }
+    Py_END_ALLOW_THREADS
+    return PyFloat_FromDouble(planned);
+}
+
 static PyMethodDef module_methods[] = {
     {"audit_on", (PyCFunction)(void (*)(void))audit_on, METH_FASTCALL,
      "audit_on(sched, closing, flat, var, observe): audit.observe's common case is done "
      "in C while steps.step_observer is observe."},
     {"audit_off", audit_off, METH_NOARGS, "The audit is over."},
     {"perf_counter", perf_counter, METH_NOARGS, "The clock the hook reads (perf_counter)."},
+    {"nap", (PyCFunction)(void (*)(void))watchdog_nap, METH_FASTCALL,
+     "nap(states, interval, early, late, limit, stop, dicts): the watchdog's sleep, "
+     "without the GIL until its Python side has something to do."},
     {"add_audit_hook", (PyCFunction)(void (*)(void))add_audit_hook, METH_FASTCALL,
      "add_audit_hook(hook, events): an audit hook in C that calls hook(event, args) for "
      "those events only (once per process: it cannot be removed)."},

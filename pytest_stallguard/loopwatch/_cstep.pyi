@@ -61,3 +61,14 @@ def audit_off() -> None: ...
 def perf_counter() -> float: ...
 def add_audit_hook(hook: Callable[[str, tuple[Any, ...]], None], events: tuple[str, ...], /
                    ) -> None: ...
+
+def nap(
+    states: tuple[StepState, ...],
+    interval: float,
+    early: float,
+    late: float,
+    limit: float,
+    stop: bytearray,
+    dicts: tuple[dict[Any, Any], ...],
+    /,
+) -> float: ...

@@ -1,6 +1,10 @@
 """The sampling watchdog: a thread that looks at the loop while a long step runs.
 
-It polls about every threshold/4 (between 1 and 50 ms, on the real clock). Once the
+It polls about every threshold/4 (between 1 and 50 ms, on the real clock). Where the C
+module of the step hooks is built and no other thread could hold the GIL, it polls from C
+without the GIL (:func:`nap`) and takes the GIL only when its wake has something to do (a
+step to sample, an idle loop to read, a loop or thread more): taking the GIL from a busy
+loop thread at every poll cost that thread more than the polls. Once the
 running step is past half the threshold it reads the step's Context (the request the loop
 thread runs for *right now*, or paused) and samples ``sys._current_frames()`` of the loop
 thread, keeping the deepest user frame seen while running for a request (the walk stops
@@ -172,6 +176,11 @@ def _nap(states: list[LoopState], now: float, interval: float, sample_after: flo
     return min(max(due - now, interval), longest)
 
 
+# The longest the watchdog polls from C before its Python turn comes round anyway (new
+# threads that are not in threading._active, which it cannot see from there).
+C_NAP_LIMIT_S = 0.25
+
+
 class Watchdog:
     """The sampling thread of one :class:`~.watch.LoopWatch`."""
 
@@ -179,6 +188,7 @@ class Watchdog:
         self.watch = watch
         self.thread: threading.Thread | None = None
         self._stopping = False
+        self._stop_flag = bytearray(1)  # _stopping, for the nap in C (it has no GIL)
         self._rq_fd = -1  # the watchdog thread's own schedstat (watchdog thread only)
         self._clocks: dict[int, int] = {}  # thread ident -> its CPU clock (watchdog only)
         # the threads look() last saw, and which of them are the plugin's helpers
@@ -189,6 +199,7 @@ class Watchdog:
         if self.thread is not None:
             return
         self._stopping = False
+        self._stop_flag[0] = 0
         self.thread = threading.Thread(
             target=self._run, name="stallguard-loopwatch", daemon=True
         )
@@ -200,6 +211,7 @@ class Watchdog:
         if thread is None:
             return
         self._stopping = True
+        self._stop_flag[0] = 1
         if thread is not threading.current_thread():
             thread.join(timeout=timeout)
 
@@ -254,14 +266,16 @@ class Watchdog:
             states = list(watch._mine.values())
             _log_turn(watch, states, looked, asked)
             nap = _nap(states, asked, interval, sample_after, watch.nap_max_s)
-            real.sleep(nap)
+            nap, from_c = self._sleep(states, before is None, asked, nap)
             now = watch.turn_since = real.perf_counter()
             states = list(watch._mine.values())
             # Sample first, with the GIL just taken: anything that releases it (reading
             # /proc) lets the loop thread finish the step, and the request, unsampled.
             # Woke late: the GIL was held (a C call on the loop, or a pure-Python step past
-            # the switch interval): sample at once, the step may be about to end.
-            late = now - asked - nap > sample_after
+            # the switch interval): sample at once, the step may be about to end. So too
+            # after the nap in C, which took the GIL for a step early (taking it again for
+            # the regular sample would cost a switch interval).
+            late = from_c or now - asked - nap > sample_after
             idle_since = self._sample_due(states, now, late, asked + nap)
             starved = now - idle_since
             if before is not None and states and starved > 2 * watch._threshold_s:
@@ -290,6 +304,29 @@ class Watchdog:
                 self._sample_due(states, back, back - released > sample_after)
                 released = real.perf_counter()
                 _log_turn(watch, states, back, released)
+
+    def _sleep(self, states: list[LoopState], alone: bool, asked: float, nap: float
+               ) -> tuple[float, bool]:
+        """Sleep ``nap`` seconds from ``asked``; or, where the C module is built and
+        ``alone`` (no other thread could hold the GIL: no :class:`Look` was taken), in C
+        without the GIL until there is something to do (:func:`_cstep.nap`). Returns how
+        long the sleep was meant to last, and whether it was the nap in C."""
+        cstep = steps._cstep
+        if cstep is None or not alone or not states:
+            real.sleep(nap)
+            return nap, False
+        watch = self.watch
+        active = getattr(threading, "_active", None)
+        dicts = (watch._mine, active) if isinstance(active, dict) else (watch._mine,)
+        # A step is worth the GIL from half an interval on: asked for then, the GIL comes
+        # (a switch interval later at worst) before the step is past half the threshold
+        # plus that, as with a Python wake at every interval; steps shorter than that
+        # (nearly all of a healthy app's) never have the watchdog take the GIL from them.
+        planned: float = cstep.nap(
+            tuple(states), watch.interval_s, watch.interval_s / 2.0, watch._sample_after_s,
+            C_NAP_LIMIT_S, self._stop_flag, dicts,
+        )
+        return planned - asked, True
 
     def _sample_if_late(self, released: float) -> None:
         """Right after taking back the GIL released at ``released``: when it came back late,
