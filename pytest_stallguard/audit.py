@@ -250,7 +250,7 @@ class Recorder:
         _recorder = self
         steps.step_observer = observe
         if self.by_handle and steps._cstep is not None:
-            steps._cstep.audit_on(self.sched, self.closing, self.flat, _ledger, observe)
+            steps._cstep.audit_on(self.sched, self.closing, self.flat, _ledger, observe, Ledger)
         return self
 
     def stop(self) -> None:

@@ -294,7 +294,10 @@ static PyType_Spec mark_spec = {
  * times by handle, its requests that ended in the running step, its flat list, the ledger
  * context variable, and audit.observe (what steps.step_observer holds meanwhile). */
 static PyObject *a_sched, *a_closing, *a_flat, *a_var, *a_observe;
+static PyTypeObject *ledger_type;  /* audit.Ledger: its ``open`` is read from its slot */
+static Py_ssize_t ledger_open = -1;
 static PyObject *str_open, *str_loop, *str_context, *str_next, *str_get;
+static PyObject *context_get;  /* contextvars.Context.get, called without a lookup */
 
 /* Where a __slots__ attribute of a class lives in its instances: the offset of its member
  * descriptor, or -1 (then it is read with getattr). */
@@ -361,16 +364,48 @@ c_observe(double start, double end, PyObject *ctx, PyObject *owner, PyObject *qu
             return -1;
         }
     }
-    PyObject *pstart = PyFloat_FromDouble(start);
+    int rc = 0;
+    PyObject *pstart = NULL, *ledger = NULL;
+    Py_ssize_t nclosing = PyList_GET_SIZE(closing);
+    if (ctx != NULL && ctx != Py_None) {
+        PyObject *call[2] = {ctx, a_var};
+        ledger = PyObject_Vectorcall(context_get, call, 2, NULL);
+        if (ledger == NULL) {
+            Py_XDECREF(ready);
+            return -1;
+        }
+        if (ledger != Py_None) {
+            /* (its own class only: a subclass may make ``open`` a property) */
+            PyObject *open = read_slot(ledger, Py_IS_TYPE(ledger, ledger_type) ? ledger_type
+                                       : NULL, ledger_open, str_open);
+            int is_open = open == NULL ? -1 : PyObject_IsTrue(open);
+            Py_XDECREF(open);
+            if (is_open < 0) {
+                Py_DECREF(ledger);
+                Py_XDECREF(ready);
+                return -1;
+            }
+            if (!is_open) {
+                Py_CLEAR(ledger);
+            }
+        }
+        else {
+            Py_CLEAR(ledger);
+        }
+    }
+    if (ledger == NULL && nclosing == 0) {
+        Py_XDECREF(ready);  /* not a step of the burst's requests: nothing to note */
+        return 0;
+    }
+    pstart = PyFloat_FromDouble(start);
     if (pstart == NULL) {
+        Py_XDECREF(ledger);
         Py_XDECREF(ready);
         return -1;
     }
     if (ready == NULL) {
         ready = Py_NewRef(pstart);
     }
-    int rc = 0;
-    Py_ssize_t nclosing = PyList_GET_SIZE(closing);
     if (nclosing > 0) {  /* requests that ended inside this step: their part of it */
         PyObject *done = PyList_GetSlice(closing, 0, nclosing);
         if (done == NULL || PyList_SetSlice(closing, 0, nclosing, NULL) < 0) {
@@ -397,34 +432,17 @@ c_observe(double start, double end, PyObject *ctx, PyObject *owner, PyObject *qu
             goto out;
         }
     }
-    if (ctx != NULL && ctx != Py_None) {
-        PyObject *call[2] = {ctx, a_var};
-        PyObject *ledger = PyObject_VectorcallMethod(
-            str_get, call, 2, NULL);
-        if (ledger == NULL) {
+    if (ledger != NULL) {
+        PyObject *pend = PyFloat_FromDouble(end);
+        if (pend == NULL || PyList_Append(flat, ledger) < 0 ||
+            PyList_Append(flat, ready) < 0 || PyList_Append(flat, pstart) < 0 ||
+            PyList_Append(flat, pend) < 0) {
             rc = -1;
-            goto out;
         }
-        if (ledger != Py_None) {
-            PyObject *open = PyObject_GetAttr(ledger, str_open);
-            int is_open = open == NULL ? -1 : PyObject_IsTrue(open);
-            Py_XDECREF(open);
-            if (is_open < 0) {
-                rc = -1;
-            }
-            else if (is_open) {
-                PyObject *pend = PyFloat_FromDouble(end);
-                if (pend == NULL || PyList_Append(flat, ledger) < 0 ||
-                    PyList_Append(flat, ready) < 0 || PyList_Append(flat, pstart) < 0 ||
-                    PyList_Append(flat, pend) < 0) {
-                    rc = -1;
-                }
-                Py_XDECREF(pend);
-            }
-        }
-        Py_DECREF(ledger);
+        Py_XDECREF(pend);
     }
 out:
+    Py_XDECREF(ledger);
     Py_DECREF(pstart);
     Py_DECREF(ready);
     return rc;
@@ -433,11 +451,12 @@ out:
 static PyObject *
 audit_on(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
-        !PyList_CheckExact(args[2])) {
+    if (nargs != 6 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[1]) ||
+        !PyList_CheckExact(args[2]) || !PyType_Check(args[5])) {
         PyErr_Format(PyExc_TypeError,
-                     "audit_on(sched: dict, closing: list, flat: list, var, observe): got %zd "
-                     "argument(s), the first three of types %s, %s, %s", nargs,
+                     "audit_on(sched: dict, closing: list, flat: list, var, observe, "
+                     "ledger: type): got %zd argument(s), the first three of types %s, %s, "
+                     "%s", nargs,
                      nargs > 0 ? Py_TYPE(args[0])->tp_name : "-",
                      nargs > 1 ? Py_TYPE(args[1])->tp_name : "-",
                      nargs > 2 ? Py_TYPE(args[2])->tp_name : "-");
@@ -448,6 +467,8 @@ audit_on(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(a_flat, Py_NewRef(args[2]));
     Py_XSETREF(a_var, Py_NewRef(args[3]));
     Py_XSETREF(a_observe, Py_NewRef(args[4]));
+    Py_XSETREF(ledger_type, (PyTypeObject *)Py_NewRef(args[5]));
+    ledger_open = slot_offset(ledger_type, "open");
     Py_RETURN_NONE;
 }
 
@@ -459,6 +480,7 @@ audit_off(PyObject *module, PyObject *unused)
     Py_CLEAR(a_flat);
     Py_CLEAR(a_var);
     Py_CLEAR(a_observe);
+    Py_CLEAR(ledger_type);
     Py_RETURN_NONE;
 }
 
@@ -1113,7 +1135,7 @@ watchdog_nap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef module_methods[] = {
     {"audit_on", (PyCFunction)(void (*)(void))audit_on, METH_FASTCALL,
-     "audit_on(sched, closing, flat, var, observe): audit.observe's common case is done "
+     "audit_on(sched, closing, flat, var, observe, ledger): audit.observe's common case is done "
      "in C while steps.step_observer is observe."},
     {"audit_off", audit_off, METH_NOARGS, "The audit is over."},
     {"perf_counter", perf_counter, METH_NOARGS, "The clock the hook reads (perf_counter)."},
@@ -1136,6 +1158,10 @@ module_exec(PyObject *module)
     str_next = PyUnicode_InternFromString("next");
     str_get = PyUnicode_InternFromString("get");
     if (!str_open || !str_loop || !str_context || !str_next || !str_get) {
+        return -1;
+    }
+    context_get = PyObject_GetAttr((PyObject *)&PyContext_Type, str_get);
+    if (context_get == NULL) {
         return -1;
     }
     PyObject *state = PyType_FromModuleAndSpec(module, &state_spec, NULL);

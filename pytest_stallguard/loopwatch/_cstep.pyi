@@ -55,6 +55,7 @@ def audit_on(
     flat: list[Any],
     var: contextvars.ContextVar[Any],
     observe: Callable[..., None],
+    ledger: type,
     /,
 ) -> None: ...
 def audit_off() -> None: ...
