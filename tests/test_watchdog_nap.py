@@ -35,12 +35,19 @@ def _state(start: float = 0.0, seq: int = 0, active: bool = True) -> Any:
 
 
 def _nap(states: list[Any], stop: bytearray | None = None,
-         dicts: tuple[dict[Any, Any], ...] = ()) -> float:
+         dicts: tuple[dict[Any, Any], ...] = (),
+         cpus: tuple[tuple[int, int], ...] = ()) -> float:
     """How long the nap lasted, in seconds."""
     began = real.perf_counter()
     cstep.nap(tuple(states), INTERVAL, EARLY, 10.0, LIMIT,
-              stop if stop is not None else bytearray(1), dicts)
+              stop if stop is not None else bytearray(1), dicts, cpus)
     return real.perf_counter() - began
+
+
+def _cpu_of(thread: threading.Thread) -> tuple[int, int]:
+    assert thread.native_id is not None
+    clock = watchdog._clock_of(thread.native_id)
+    return clock, watchdog._thread_cpu_ns(clock)
 
 
 @contextmanager
@@ -99,6 +106,33 @@ def test_a_stop_a_new_loop_or_thread_ends_the_nap() -> None:
     assert grown < full / 4
 
 
+def test_another_thread_that_runs_ends_the_nap_and_one_that_waits_does_not() -> None:
+    """The threads that could hold the GIL (the nap is given their CPU clocks): one idle
+    in a wait leaves the nap to its limit; one that runs (here: Python code, which needs
+    the GIL) ends it at the next look, for the watchdog's Python side to judge."""
+    st = _state()
+    go, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        go.wait(10)
+        while not done.is_set():
+            pass
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        with busy(st):
+            waiting = _nap([st], cpus=(_cpu_of(thread),))
+            go.set()
+            running = _nap([st], cpus=(_cpu_of(thread),))
+    finally:
+        go.set()
+        done.set()
+        thread.join(5)
+    assert waiting >= LIMIT
+    assert running < waiting / 4
+
+
 def test_an_inactive_loop_is_not_looked_at() -> None:
     """A detached loop's state (active False) with an old start: no sample to take."""
     st = _state()
@@ -110,13 +144,15 @@ def test_an_inactive_loop_is_not_looked_at() -> None:
 
 def test_bad_input_is_named() -> None:
     with pytest.raises(TypeError, match="loop 0 is 'nope', not a StepState"):
-        cstep.nap(("nope",), INTERVAL, EARLY, 1.0, LIMIT, bytearray(1), ())
+        cstep.nap(("nope",), INTERVAL, EARLY, 1.0, LIMIT, bytearray(1), (), ())
     with pytest.raises(ValueError, match=r"interval 0\.0, give seconds > 0"):
-        cstep.nap((), 0.0, EARLY, 1.0, LIMIT, bytearray(1), ())
+        cstep.nap((), 0.0, EARLY, 1.0, LIMIT, bytearray(1), (), ())
     with pytest.raises(TypeError, match="got 3 argument"):
         cstep.nap((), INTERVAL, EARLY)
     with pytest.raises(TypeError, match="is not a dict"):
-        cstep.nap((), INTERVAL, EARLY, 1.0, LIMIT, bytearray(1), ([],))
+        cstep.nap((), INTERVAL, EARLY, 1.0, LIMIT, bytearray(1), ([],), ())
+    with pytest.raises(TypeError, match=r"thread 0 is \('x', 1\), not \(clock id, CPU ns\)"):
+        cstep.nap((), INTERVAL, EARLY, 1.0, LIMIT, bytearray(1), (), (("x", 1),))
 
 
 def _turns(monkeypatch: pytest.MonkeyPatch, python: bool) -> tuple[int, int]:
@@ -133,6 +169,10 @@ def _turns(monkeypatch: pytest.MonkeyPatch, python: bool) -> tuple[int, int]:
 
     monkeypatch.setattr(watchdog.Watchdog, "look", counted)
     watch = LoopWatch(20)
+    # A worker that lingers idle (anyio's, after a to_thread call), as in most suites.
+    idle = threading.Event()
+    worker = threading.Thread(target=idle.wait, args=(10,), daemon=True)
+    worker.start()
 
     async def main() -> int:
         watch.attach()
@@ -150,6 +190,8 @@ def _turns(monkeypatch: pytest.MonkeyPatch, python: bool) -> tuple[int, int]:
     finally:
         watch.stop()
         watch.detach_all()
+        idle.set()
+        worker.join(5)
     return turns[0], ran
 
 
@@ -157,7 +199,8 @@ def test_the_watchdog_takes_no_gil_from_a_loop_of_short_steps(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The point of the nap: with the Python sleep the watchdog takes its turn (and the GIL
-    from the loop thread) at every poll; with the nap in C only at its limit."""
+    from the loop thread) at every poll; with the nap in C only at its limit, an idle
+    thread beside it or not."""
     python_turns, python_steps = _turns(monkeypatch, python=True)
     monkeypatch.undo()
     c_turns, c_steps = _turns(monkeypatch, python=False)

@@ -1021,7 +1021,7 @@ sleep_s(double seconds)
     }
 }
 
-/* nap(states, interval, early, late, limit, stop, dicts) -> float
+/* nap(states, interval, early, late, limit, stop, dicts, cpus) -> float
  *
  * The watchdog's sleep (watchdog.py), without the GIL: it looks at the loops in
  * ``states`` (StepStates) every ``interval`` seconds (sooner when a running step would be
@@ -1031,9 +1031,11 @@ sleep_s(double seconds)
  * switch interval, so the watchdog asks for it well before the step is half the threshold
  * old), a loop ran no step since the last look and runs none now (idle: the watchdog
  * reads its run-queue wait), one of ``dicts`` (the watch's loops, the process's threads)
- * changed size, a look came more than ``late`` seconds after it was due (the machine is
- * busy: the Python side decides), ``limit`` seconds have passed, or ``stop[0]`` (a
- * bytearray) is set. Returns when its last sleep was due to end.
+ * changed size, another thread ran: the CPU clock of one of ``cpus`` (``(clock id, CPU
+ * ns at the last look)``: the threads that could hold the GIL) moved ``early`` seconds
+ * on, or can no longer be read; a look came more than ``late`` seconds after it was due
+ * (the machine is busy: the Python side decides), ``limit`` seconds have passed, or
+ * ``stop[0]`` (a bytearray) is set. Returns when its last sleep was due to end.
  *
  * Taking the GIL at every look would take it from a busy loop thread dozens of times a
  * second, and each hand-over costs that thread more than the look itself (measured: a
@@ -1042,11 +1044,12 @@ sleep_s(double seconds)
 static PyObject *
 watchdog_nap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7 || !PyTuple_Check(args[0]) || !PyByteArray_Check(args[5]) ||
-        PyByteArray_GET_SIZE(args[5]) < 1 || !PyTuple_Check(args[6])) {
+    if (nargs != 8 || !PyTuple_Check(args[0]) || !PyByteArray_Check(args[5]) ||
+        PyByteArray_GET_SIZE(args[5]) < 1 || !PyTuple_Check(args[6]) ||
+        !PyTuple_Check(args[7])) {
         PyErr_Format(PyExc_TypeError,
                      "nap(states: tuple, interval, early, late, limit, stop: bytearray, "
-                     "dicts: tuple): got %zd argument(s)", nargs);
+                     "dicts: tuple, cpus: tuple): got %zd argument(s)", nargs);
         return NULL;
     }
     double interval = PyFloat_AsDouble(args[1]);
@@ -1061,12 +1064,33 @@ watchdog_nap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *states = args[0], *dicts = args[6];
+    PyObject *cpus = args[7];
     Py_ssize_t n = PyTuple_GET_SIZE(states), nd = PyTuple_GET_SIZE(dicts);
-    if (n > MAX_NAP_STATES || nd > MAX_NAP_DICTS) {
-        PyErr_Format(PyExc_ValueError, "nap(): %zd loops and %zd dicts, at most %d and %d",
-                     n, nd, MAX_NAP_STATES, MAX_NAP_DICTS);
+    Py_ssize_t nc = PyTuple_GET_SIZE(cpus);
+    if (n > MAX_NAP_STATES || nd > MAX_NAP_DICTS || nc > MAX_NAP_STATES) {
+        PyErr_Format(PyExc_ValueError,
+                     "nap(): %zd loops, %zd dicts and %zd threads, at most %d, %d and %d",
+                     n, nd, nc, MAX_NAP_STATES, MAX_NAP_DICTS, MAX_NAP_STATES);
         return NULL;
     }
+    clockid_t clocks[MAX_NAP_STATES];
+    long long cpu0[MAX_NAP_STATES];
+    for (Py_ssize_t k = 0; k < nc; k++) {
+        PyObject *pair = PyTuple_GET_ITEM(cpus, k);
+        long long clock = -1;
+        if (PyTuple_Check(pair) && PyTuple_GET_SIZE(pair) == 2) {
+            clock = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 0));
+            cpu0[k] = PyLong_AsLongLong(PyTuple_GET_ITEM(pair, 1));
+        }
+        if (clock == -1 || PyErr_Occurred()) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError,
+                         "nap(): thread %zd is %R, not (clock id, CPU ns) as ints", k, pair);
+            return NULL;
+        }
+        clocks[k] = (clockid_t)clock;
+    }
+    long long early_ns = (long long)(early * 1e9);
     PyObject *state_type = PyObject_GetAttrString(module, "StepState");
     if (state_type == NULL) {
         return NULL;
@@ -1104,6 +1128,11 @@ watchdog_nap(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         for (Py_ssize_t j = 0; j < nd && !wake; j++) {
             wake = PyDict_GET_SIZE(PyTuple_GET_ITEM(dicts, j)) != sizes[j];
         }
+        for (Py_ssize_t k = 0; k < nc && !wake; k++) {
+            struct timespec ts;
+            wake = clock_gettime(clocks[k], &ts) != 0 ||
+                (long long)ts.tv_sec * SEC_NS + ts.tv_nsec - cpu0[k] >= early_ns;
+        }
         double next = now + interval;
         for (Py_ssize_t i = 0; i < n && !wake; i++) {
             volatile StepState *s = st[i];
@@ -1140,7 +1169,7 @@ static PyMethodDef module_methods[] = {
     {"audit_off", audit_off, METH_NOARGS, "The audit is over."},
     {"perf_counter", perf_counter, METH_NOARGS, "The clock the hook reads (perf_counter)."},
     {"nap", (PyCFunction)(void (*)(void))watchdog_nap, METH_FASTCALL,
-     "nap(states, interval, early, late, limit, stop, dicts): the watchdog's sleep, "
+     "nap(states, interval, early, late, limit, stop, dicts, cpus): the watchdog's sleep, "
      "without the GIL until its Python side has something to do."},
     {"add_audit_hook", (PyCFunction)(void (*)(void))add_audit_hook, METH_FASTCALL,
      "add_audit_hook(hook, events): an audit hook in C that calls hook(event, args) for "

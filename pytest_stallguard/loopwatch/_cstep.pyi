@@ -71,5 +71,6 @@ def nap(
     limit: float,
     stop: bytearray,
     dicts: tuple[dict[Any, Any], ...],
+    cpus: tuple[tuple[int, int], ...],
     /,
 ) -> float: ...

@@ -1,10 +1,10 @@
 """The sampling watchdog: a thread that looks at the loop while a long step runs.
 
 It polls about every threshold/4 (between 1 and 50 ms, on the real clock). Where the C
-module of the step hooks is built and no other thread could hold the GIL, it polls from C
-without the GIL (:func:`nap`) and takes the GIL only when its wake has something to do (a
-step to sample, an idle loop to read, a loop or thread more): taking the GIL from a busy
-loop thread at every poll cost that thread more than the polls. Once the
+module of the step hooks is built, it polls from C without the GIL (``_cstep.nap``) and
+takes the GIL only when its wake has something to do (a step to sample, an idle loop to
+read, a loop or thread more, another thread that runs): taking the GIL from a busy loop
+thread at every poll cost that thread more than the polls. Once the
 running step is past half the threshold it reads the step's Context (the request the loop
 thread runs for *right now*, or paused) and samples ``sys._current_frames()`` of the loop
 thread, keeping the deepest user frame seen while running for a request (the walk stops
@@ -179,6 +179,9 @@ def _nap(states: list[LoopState], now: float, interval: float, sample_after: flo
 # The longest the watchdog polls from C before its Python turn comes round anyway (new
 # threads that are not in threading._active, which it cannot see from there).
 C_NAP_LIMIT_S = 0.25
+# With more loops, or more threads that could hold the GIL, than this, the watchdog sleeps
+# in Python (the nap in C reads each one at every look).
+C_NAP_MAX_THREADS = 64
 
 
 class Watchdog:
@@ -266,7 +269,7 @@ class Watchdog:
             states = list(watch._mine.values())
             _log_turn(watch, states, looked, asked)
             nap = _nap(states, asked, interval, sample_after, watch.nap_max_s)
-            nap, from_c = self._sleep(states, before is None, asked, nap)
+            nap, from_c = self._sleep(states, before, asked, nap)
             now = watch.turn_since = real.perf_counter()
             states = list(watch._mine.values())
             # Sample first, with the GIL just taken: anything that releases it (reading
@@ -305,17 +308,29 @@ class Watchdog:
                 released = real.perf_counter()
                 _log_turn(watch, states, back, released)
 
-    def _sleep(self, states: list[LoopState], alone: bool, asked: float, nap: float
+    def _sleep(self, states: list[LoopState], before: Look | None, asked: float, nap: float
                ) -> tuple[float, bool]:
-        """Sleep ``nap`` seconds from ``asked``; or, where the C module is built and
-        ``alone`` (no other thread could hold the GIL: no :class:`Look` was taken), in C
-        without the GIL until there is something to do (:func:`_cstep.nap`). Returns how
-        long the sleep was meant to last, and whether it was the nap in C."""
+        """Sleep ``nap`` seconds from ``asked``; or, where the C module is built, in C
+        without the GIL until there is something to do (:func:`_cstep.nap`). ``before``:
+        the look just taken (None when no other thread could hold the GIL); the nap in C
+        then also ends as soon as one of those threads runs (its CPU clock moves on), so
+        the look stays the baseline of any window in which one of them held the GIL.
+        Returns how long the sleep was meant to last, and whether it was the nap in C."""
         cstep = steps._cstep
-        if cstep is None or not alone or not states:
+        if cstep is None or not states or len(states) > C_NAP_MAX_THREADS:
             real.sleep(nap)
             return nap, False
         watch = self.watch
+        cpus: tuple[tuple[int, int], ...] = ()
+        if before is not None:
+            ours = {st.thread for st in states} | self._helpers
+            cpus = tuple(
+                (self._clocks[ident], seen[0]) for ident, seen in before.threads.items()
+                if ident not in ours and ident in self._clocks
+            )
+            if len(cpus) > C_NAP_MAX_THREADS:
+                real.sleep(nap)
+                return nap, False
         active = getattr(threading, "_active", None)
         dicts = (watch._mine, active) if isinstance(active, dict) else (watch._mine,)
         # A step is worth the GIL from half an interval on: asked for then, the GIL comes
@@ -324,7 +339,7 @@ class Watchdog:
         # (nearly all of a healthy app's) never have the watchdog take the GIL from them.
         planned: float = cstep.nap(
             tuple(states), watch.interval_s, watch.interval_s / 2.0, watch._sample_after_s,
-            C_NAP_LIMIT_S, self._stop_flag, dicts,
+            C_NAP_LIMIT_S, self._stop_flag, dicts, cpus,
         )
         return planned - asked, True
 
